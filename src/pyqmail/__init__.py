@@ -1,0 +1,3 @@
+"""pyqmail: a qmail-compatible mail transfer agent in Python."""
+
+__version__ = "0.1.0"

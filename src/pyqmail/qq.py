@@ -1,0 +1,173 @@
+"""The caller's side of qmail-queue (qmail's qmail.c): start it, feed it, read its verdict.
+
+Without $QMAILQUEUE the qmail-queue process is forked from the caller, which
+has already imported this module, instead of exec'ing a new interpreter per
+message; it is still a separate process fed through two pipes, as in qmail.
+With $QMAILQUEUE the named program is exec'd from the qmail home, as qmail does.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+_TEXTS: dict[int, str] = {
+    11: "Denvelope address too long for qq (#5.1.3)",
+    31: "Dmail server permanently rejected message (#5.3.0)",
+    51: "Zqq out of memory (#4.3.0)",
+    52: "Zqq timeout (#4.3.0)",
+    53: "Zqq write error or disk full (#4.3.0)",
+    54: "Zqq read error (#4.3.0)",
+    55: "Zqq unable to read configuration (#4.3.0)",
+    56: "Zqq trouble making network connection (#4.3.0)",
+    61: "Zqq trouble in home directory (#4.3.0)",
+    62: "Zqq trouble creating files in queue (#4.3.0)",
+    63: "Zqq trouble creating files in queue (#4.3.0)",
+    64: "Zqq trouble creating files in queue (#4.3.0)",
+    65: "Zqq trouble creating files in queue (#4.3.0)",
+    66: "Zqq trouble creating files in queue (#4.3.0)",
+    71: "Zmail server temporarily rejected message (#4.3.0)",
+    72: "Zconnection to mail server timed out (#4.4.1)",
+    73: "Zconnection to mail server rejected (#4.4.1)",
+    74: "Zcommunication with mail server failed (#4.4.2)",
+    81: "Zqq internal bug (#4.3.0)",
+    91: "Zqq internal bug (#4.3.0)",
+    115: "Denvelope address too long for qq (#5.1.3)",
+    120: "Zunable to exec qq (#4.3.0)",
+}
+
+
+def qq_text(code: int) -> str:
+    """qmail.c's verdict text for a qmail-queue exit code; empty means queued."""
+    if code == 0:
+        return ""
+    if code in _TEXTS:
+        return _TEXTS[code]
+    if 11 <= code <= 40:
+        return "Dqq permanent problem (#5.3.0)"
+    return "Zqq temporary problem (#4.3.0)"
+
+
+@dataclass(frozen=True)
+class QueueResult:
+    code: int
+    text: str  # "" when queued, else a verdict letter (D perm, Z temp) and text
+    qp: int  # pid of the qmail-queue process, for logs
+
+    @property
+    def ok(self) -> bool:
+        return self.text == ""
+
+    @property
+    def permanent(self) -> bool:
+        return self.text.startswith("D")
+
+    @property
+    def message(self) -> str:
+        """The text without its verdict letter."""
+        return self.text[1:]
+
+
+def envelope(sender: str, recipients: list[str]) -> bytes:
+    parts = [b"F" + sender.encode("utf-8", "surrogateescape") + b"\0"]
+    parts += [b"T" + r.encode("utf-8", "surrogateescape") + b"\0" for r in recipients]
+    parts.append(b"\0")
+    return b"".join(parts)
+
+
+class QueueClient:
+    """One qmail-queue run: write() the message, then finish() with the envelope."""
+
+    def __init__(self, home: Path | str, invoked: str | None = None) -> None:
+        self.home = Path(home)
+        self._failed = False
+        msg_r, self._msg_w = os.pipe()
+        env_r, self._env_w = os.pipe()
+        program = os.environ.get("QMAILQUEUE")
+        pid = os.fork()
+        if pid == 0:  # the child becomes qmail-queue
+            code = 120
+            try:
+                os.dup2(msg_r, 0)
+                os.dup2(env_r, 1)
+                for fd in (msg_r, env_r, self._msg_w, self._env_w):
+                    os.close(fd)
+                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+                    signal.signal(sig, signal.SIG_DFL)
+                os.chdir(self.home)
+                if program:
+                    os.execv(program, [program])
+                from .qmail_queue import invoked_how, run_child
+
+                how = invoked or invoked_how(os.getuid())
+                code = run_child(self.home / "queue", how)
+            except OSError as e:
+                code = 61 if not program else 120
+                del e
+            finally:
+                os._exit(code)
+        os.close(msg_r)
+        os.close(env_r)
+        self.pid = pid
+
+    def write(self, data: bytes | memoryview) -> None:
+        if self._failed:
+            return
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[os.write(self._msg_w, view) :]
+        except OSError:
+            self._failed = True  # qmail-queue went away; its exit code tells why
+
+    def finish(self, sender: str, recipients: list[str]) -> QueueResult:
+        os.close(self._msg_w)
+        try:
+            self._write_envelope(envelope(sender, recipients))
+        finally:
+            os.close(self._env_w)
+        return self._wait()
+
+    def abort(self) -> None:
+        """Give up on this message: qmail-queue sees a broken envelope and queues nothing."""
+        os.close(self._msg_w)
+        os.close(self._env_w)
+        self._wait()
+
+    def _write_envelope(self, data: bytes) -> None:
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[os.write(self._env_w, view) :]
+        except OSError:
+            self._failed = True
+
+    def _wait(self) -> QueueResult:
+        while True:
+            try:
+                _, status = os.waitpid(self.pid, 0)
+                break
+            except ChildProcessError:
+                return QueueResult(-1, "Zqq waitpid surprise (#4.3.0)", self.pid)
+            except InterruptedError:
+                continue
+        if os.WIFSIGNALED(status):
+            return QueueResult(-1, "Zqq crashed (#4.3.0)", self.pid)
+        code = os.WEXITSTATUS(status)
+        if code == 0 and self._failed:
+            code = 54
+        return QueueResult(code, qq_text(code), self.pid)
+
+
+def queue_message(
+    home: Path | str,
+    message: bytes,
+    sender: str,
+    recipients: list[str],
+    invoked: str | None = None,
+) -> QueueResult:
+    client = QueueClient(home, invoked)
+    client.write(message)
+    return client.finish(sender, recipients)
