@@ -1,0 +1,100 @@
+"""qmail-clean: removes queue files on qmail-send's behalf.
+
+qmail-send may not delete mess/, intd/ or todo/ files itself (in a root
+install they belong to qmailq); it asks qmail-clean through a pipe.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from .constants import OSSIFIED, SPLIT
+from .home import HOME_HELP, resolve_home
+
+
+def _unlink(path: str) -> bool:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def sweep_pids(queue: Path, now: float | None = None) -> None:
+    """Remove pid/ files left by qmail-queue processes that died 36 hours ago."""
+    now = time.time() if now is None else now
+    try:
+        names = os.listdir(queue / "pid")
+    except OSError:
+        return
+    for name in names:
+        path = queue / "pid" / name
+        try:
+            if now > os.stat(path).st_atime + OSSIFIED:
+                os.unlink(path)
+        except OSError:
+            pass
+
+
+def handle(queue: Path, command: bytes) -> bytes:
+    if len(command) < 7 or len(command) > 100:
+        return b"x"
+    prefix, number = command[:5], command[5:]
+    if not number.isdigit():
+        return b"x"
+    n = int(number)
+    if prefix == b"foop/":
+        ok = _unlink(f"{queue}/intd/{n}")
+        ok = _unlink(f"{queue}/mess/{n % SPLIT}/{n}") and ok
+    elif prefix == b"todo/":
+        ok = _unlink(f"{queue}/intd/{n}")
+        ok = _unlink(f"{queue}/todo/{n}") and ok
+    else:
+        return b"x"
+    return b"+" if ok else b"!"
+
+
+def serve(queue: Path, cmd_fd: int = 0, reply_fd: int = 1) -> int:
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    buf = bytearray()
+    count = 0
+    while True:
+        try:
+            data = os.read(cmd_fd, 4096)
+        except InterruptedError:
+            continue
+        if not data:
+            return 0
+        buf += data
+        while True:
+            end = buf.find(b"\0")
+            if end < 0:
+                break
+            command = bytes(buf[:end])
+            del buf[: end + 1]
+            if count % 30 == 0:
+                sweep_pids(queue)
+            count += 1
+            try:
+                os.write(reply_fd, handle(queue, command))
+            except OSError:
+                return 100
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    home = None
+    if args[:1] in (["-h"], ["--help"]):
+        print(f"usage: qmail-clean [--home DIR]\n  {HOME_HELP}")
+        sys.exit(0)
+    if len(args) >= 2 and args[0] == "--home":
+        home = args[1]
+    sys.exit(serve(resolve_home(home) / "queue"))

@@ -1,0 +1,280 @@
+"""The spawner loop shared by qmail-lspawn and qmail-rspawn.
+
+qmail-send writes `slot S/N\\0sender\\0recipient\\0` commands; for each one the
+spawner forks a child that performs the delivery with the message on fd 0 and
+its report pipe on fds 1 and 2, and answers `slot letter text\\0` once the
+child's output has ended and the child has been reaped.  The child is forked
+from this already-warm process and calls the delivery function directly: no
+new interpreter is started per delivery.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import select
+import signal
+import stat
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .constants import SPAWN
+
+DeliverFn = Callable[[int, str, str], int]
+ReportFn = Callable[[int, bytes], bytes]
+
+_READ = 65536
+
+
+@dataclass
+class _Child:
+    slot: int
+    pid: int
+    fd: int
+    output: bytearray = field(default_factory=bytearray)
+    eof: bool = False
+    status: int | None = None
+
+
+def _decode(b: bytes) -> str:
+    return b.decode("utf-8", "surrogateescape")
+
+
+def _close_quietly(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
+class Spawner:
+    def __init__(
+        self, deliver: DeliverFn, report: ReportFn, queue_dir: Path, cmd_fd: int, result_fd: int
+    ) -> None:
+        self.deliver = deliver
+        self.report = report
+        self.cmd_fd = cmd_fd
+        self.result_fd = result_fd
+        self.queue_owner = os.stat(queue_dir).st_uid
+        self.children: dict[int, _Child] = {}  # by pid
+        self.slots: set[int] = set()
+        self.buf = bytearray()
+        self.out = bytearray()
+
+    # -- results --------------------------------------------------------------------
+
+    def answer(self, slot: int, text: bytes) -> None:
+        self.out += bytes([slot]) + text.replace(b"\0", b"?") + b"\0"
+
+    def flush(self) -> None:
+        while self.out:
+            try:
+                n = os.write(self.result_fd, self.out)
+            except InterruptedError:
+                continue
+            del self.out[:n]
+
+    # -- commands -------------------------------------------------------------------
+
+    def parse_commands(self) -> None:
+        while True:
+            # a command is one slot byte followed by three NUL-terminated fields
+            if len(self.buf) < 1:
+                return
+            pos = 1
+            fields: list[bytes] = []
+            for _ in range(3):
+                end = self.buf.find(b"\0", pos)
+                if end < 0:
+                    return
+                fields.append(bytes(self.buf[pos:end]))
+                pos = end + 1
+            slot = self.buf[0]
+            del self.buf[:pos]
+            self.start(slot, fields[0], _decode(fields[1]), _decode(fields[2]))
+
+    def start(self, slot: int, messid: bytes, sender: str, recipient: str) -> None:
+        if slot >= SPAWN:
+            self.answer(slot, b"ZInternal error: delnum too big. (#4.3.5)\n")
+            return
+        if slot in self.slots:
+            self.answer(slot, b"ZInternal error: delnum in use. (#4.3.5)\n")
+            return
+        if not messid:
+            self.answer(slot, b"DInternal error: messid too short. (#5.3.5)\n")
+            return
+        if len(messid) > 100:
+            self.answer(slot, b"DInternal error: messid too long. (#5.3.5)\n")
+            return
+        if not all(48 <= c <= 57 or (c == 47 and i > 0) for i, c in enumerate(messid)):
+            self.answer(slot, b"DInternal error: messid has nonnumerics. (#5.3.5)\n")
+            return
+        if "@" not in recipient:
+            self.answer(slot, b"DSorry, address must include host name. (#5.1.3)\n")
+            return
+        try:
+            msg_fd = os.open(messid, os.O_RDONLY)
+        except OSError:
+            self.answer(slot, b"Zqmail-spawn unable to open message. (#4.3.0)\n")
+            return
+        try:
+            try:
+                st = os.fstat(msg_fd)
+            except OSError:
+                self.answer(slot, b"Zqmail-spawn unable to fstat message. (#4.3.0)\n")
+                return
+            if not stat.S_ISREG(st.st_mode):
+                self.answer(slot, b"ZSorry, message has wrong type. (#4.3.5)\n")
+                return
+            if st.st_uid != self.queue_owner:
+                self.answer(slot, b"ZSorry, message has wrong owner. (#4.3.5)\n")
+                return
+            try:
+                rfd, wfd = os.pipe()
+            except OSError:
+                self.answer(slot, b"Zqmail-spawn unable to create pipe. (#4.3.0)\n")
+                return
+            try:
+                pid = os.fork()
+            except OSError:
+                os.close(rfd)
+                os.close(wfd)
+                self.answer(slot, b"Zqmail-spawn unable to fork. (#4.3.0)\n")
+                return
+            if pid == 0:
+                self.child(msg_fd, wfd, sender, recipient)
+            os.close(wfd)
+            os.set_blocking(rfd, False)
+            self.children[pid] = _Child(slot, pid, rfd)
+            self.slots.add(slot)
+        finally:
+            os.close(msg_fd)
+
+    def child(self, msg_fd: int, wfd: int, sender: str, recipient: str) -> None:
+        code = 111
+        try:
+            for sig in (
+                signal.SIGTERM,
+                signal.SIGINT,
+                signal.SIGHUP,
+                signal.SIGCHLD,
+                signal.SIGALRM,
+            ):
+                signal.signal(sig, signal.SIG_DFL)
+            os.dup2(msg_fd, 0)
+            os.dup2(wfd, 1)
+            os.dup2(wfd, 2)
+            # nothing of the spawner's (command pipe, result pipe, other reports) leaks
+            os.closerange(3, 65536)
+            sys.stdout = open(1, "w", encoding="utf-8", errors="surrogateescape", closefd=False)
+            sys.stderr = sys.stdout
+            code = self.deliver(0, sender, recipient)
+        except BaseException as e:  # noqa: BLE001 - the child must always report
+            try:
+                os.write(2, f"Delivery process failed: {e}. (#4.3.0)\n".encode(errors="replace"))
+            except OSError:
+                pass
+            code = 111
+        finally:
+            try:
+                sys.stdout.flush()
+            except Exception:
+                pass
+            os._exit(code)
+
+    # -- children -------------------------------------------------------------------
+
+    def read_child(self, ch: _Child) -> None:
+        while True:
+            try:
+                data = os.read(ch.fd, _READ)
+            except BlockingIOError:
+                return
+            except InterruptedError:
+                continue
+            except OSError:
+                data = b""
+            if not data:
+                ch.eof = True
+                os.close(ch.fd)
+                return
+            ch.output += data
+            # reports are capped later; do not let a runaway program fill memory
+            if len(ch.output) > 1 << 20:
+                del ch.output[1 << 20 :]
+
+    def reap(self) -> None:
+        while self.children:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            except InterruptedError:
+                continue
+            if pid == 0:
+                return
+            ch = self.children.get(pid)
+            if ch is not None:
+                ch.status = status
+
+    def finish_done(self) -> None:
+        for pid in [p for p, ch in self.children.items() if ch.eof and ch.status is not None]:
+            ch = self.children.pop(pid)
+            self.slots.discard(ch.slot)
+            assert ch.status is not None
+            self.answer(ch.slot, self.report(ch.status, bytes(ch.output)))
+
+    def run(self) -> int:
+        os.write(self.result_fd, bytes([SPAWN]))
+        reading = True
+        while reading or self.children:
+            fds = [ch.fd for ch in self.children.values() if not ch.eof]
+            if reading:
+                fds.append(self.cmd_fd)
+            waiting_reap = any(ch.eof and ch.status is None for ch in self.children.values())
+            try:
+                ready, _, _ = select.select(fds, [], [], 0.05 if waiting_reap else 1.0)
+            except InterruptedError:
+                ready = []
+            for fd in ready:
+                if fd == self.cmd_fd:
+                    try:
+                        data = os.read(self.cmd_fd, _READ)
+                    except InterruptedError:
+                        continue
+                    except OSError as e:
+                        if e.errno == errno.EAGAIN:
+                            continue
+                        data = b""
+                    if not data:
+                        reading = False
+                    else:
+                        self.buf += data
+                        self.parse_commands()
+                else:
+                    for ch in self.children.values():
+                        if ch.fd == fd and not ch.eof:
+                            self.read_child(ch)
+                            break
+            self.reap()
+            self.finish_done()
+            try:
+                self.flush()
+            except OSError:
+                return 111  # qmail-send is gone
+        return 0
+
+
+def serve(
+    deliver: DeliverFn, report: ReportFn, queue_dir: Path, cmd_fd: int = 0, result_fd: int = 1
+) -> int:
+    """Run the spawner until qmail-send closes the command pipe; returns the exit code."""
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    # qmail-send's TERM/INT are for qmail-send: a spawner finishes what it started
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    spawner = Spawner(deliver, report, queue_dir, cmd_fd, result_fd)
+    os.chdir(queue_dir / "mess")
+    return spawner.run()
