@@ -1,0 +1,234 @@
+"""`pyqmail run`: start the whole MTA in the foreground, as qmail-start does.
+
+The supervisor forks, from itself (already warm), the programs qmail-start
+starts: two loggers, qmail-lspawn, qmail-rspawn, qmail-clean and qmail-send,
+wired by the same pipes as in qmail, plus the SMTP listener (tcpserver with
+qmail-smtpd in each connection's child).  No program is exec'd: each child
+calls its program's entry function after its fds are in place.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import FrameType
+
+from .control import Control
+
+Child = Callable[[], int]
+
+
+def _place_fds(fdmap: dict[int, int]) -> None:
+    """In a child: make fd `target` a copy of fd `source` for each pair; close all others."""
+    high = {target: os.dup(source) for target, source in fdmap.items()}
+    for target, copy in high.items():
+        os.dup2(copy, target)
+    keep = set(fdmap)
+    for fd in list(high.values()):
+        if fd not in keep:
+            os.close(fd)
+    top = max(keep) + 1 if keep else 0
+    for fd in range(0, top):
+        if fd not in keep:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+    os.closerange(top, 65536)
+
+
+def fork_child(body: Child, fdmap: dict[int, int]) -> int:
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 111
+    try:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, signal.SIGALRM):
+            signal.signal(sig, signal.SIG_DFL)
+        _place_fds(fdmap)
+        if 2 in fdmap:
+            sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115
+        code = body()
+    except BaseException as e:  # noqa: BLE001 - report, never unwind into the supervisor
+        try:
+            os.write(2, f"alert: {type(e).__name__}: {e}\n".encode(errors="replace"))
+        except OSError:
+            pass
+    finally:
+        os._exit(code)
+
+
+def listen_addresses(ctl: Control, name: str, default: list[str]) -> list[tuple[str, int]]:
+    lines = ctl.list(name)
+    result = []
+    for entry in lines if lines is not None else default:
+        host, _, port = entry.rpartition(":")
+        host = host.strip("[]")
+        if not port.isdigit() or not host:
+            from .control import ControlError
+
+            raise ControlError(ctl.path(name), f"expected ADDRESS:PORT, got {entry!r}")
+        result.append((host, int(port)))
+    return result
+
+
+def default_smtp() -> list[str]:
+    return ["0.0.0.0:25", "[::]:25"] if os.geteuid() == 0 else ["127.0.0.1:2525"]
+
+
+class Supervisor:
+    def __init__(self, home: Path, out: Callable[[str], None]) -> None:
+        self.home = home
+        self.out = out
+        self.pids: dict[int, str] = {}
+        self.stopping = False
+        self.failed = False
+
+    def start(self) -> None:
+        home = self.home
+        ctl = Control(home)
+        queue = home / "queue"
+        defaultdelivery = ctl.line("defaultdelivery") or "./Maildir/"
+        smtp = listen_addresses(ctl, "smtplisten", default_smtp())
+        for sub in ("send", "smtpd"):
+            (home / "log" / sub).mkdir(parents=True, exist_ok=True)
+
+        from . import clean, lspawn, multilog, rspawn, send, smtpd, spawn, tcpserver
+
+        send_log = os.pipe()
+        smtpd_log = os.pipe()
+        lsp_cmd, lsp_res = os.pipe(), os.pipe()
+        rsp_cmd, rsp_res = os.pipe(), os.pipe()
+        cln_cmd, cln_res = os.pipe(), os.pipe()
+
+        def logger(sub: str) -> Child:
+            return lambda: multilog.run(0, home / "log" / sub)
+
+        self.spawn("log/send", logger("send"), {0: send_log[0]})
+        self.spawn("log/smtpd", logger("smtpd"), {0: smtpd_log[0]})
+        self.spawn(
+            "qmail-lspawn",
+            lambda: spawn.serve(
+                lspawn.lspawn_deliver(home, defaultdelivery), lspawn.lspawn_report, queue
+            ),
+            {0: lsp_cmd[0], 1: lsp_res[1], 2: send_log[1]},
+        )
+        self.spawn(
+            "qmail-rspawn",
+            lambda: spawn.serve(rspawn.rspawn_deliver(home), rspawn.rspawn_report, queue),
+            {0: rsp_cmd[0], 1: rsp_res[1], 2: send_log[1]},
+        )
+        self.spawn(
+            "qmail-clean",
+            lambda: clean.serve(queue),
+            {0: cln_cmd[0], 1: cln_res[1], 2: send_log[1]},
+        )
+        self.send_pid = self.spawn(
+            "qmail-send",
+            lambda: send.start(home, 0, (1, 3), (4, 5), (6, 7)),
+            {
+                0: send_log[1],
+                1: lsp_cmd[1],
+                2: send_log[1],
+                3: lsp_res[0],
+                4: rsp_cmd[1],
+                5: rsp_res[0],
+                6: cln_cmd[1],
+                7: cln_res[0],
+            },
+        )
+        conc = ctl.integer("concurrencyincoming", 40, minimum=1)
+        rules = home / "control" / "tcp.smtp.cdb"
+        self.smtpd_pid = self.spawn(
+            "tcpserver smtpd",
+            lambda: tcpserver.serve(
+                smtp,
+                lambda fd, env: smtpd.handle_connection(home, fd, env),
+                limit=conc,
+                per_ip=max(1, conc // 2),
+                rules=rules if rules.exists() else None,
+                over_limit_banner=b"421 too many connections from your address (#4.3.2)\r\n",
+            ),
+            {2: smtpd_log[1]},
+        )
+        for fd in (
+            *send_log,
+            *smtpd_log,
+            *lsp_cmd,
+            *lsp_res,
+            *rsp_cmd,
+            *rsp_res,
+            *cln_cmd,
+            *cln_res,
+        ):
+            os.close(fd)
+        self.out(f"pyqmail running: home {home}")
+        self.out("  smtp: " + ", ".join(f"{h}:{p}" for h, p in smtp))
+        self.out(
+            f"  logs: {home / 'log' / 'send' / 'current'}, {home / 'log' / 'smtpd' / 'current'}"
+        )
+        self.out(f"  queue: {queue}   stop with Ctrl-C or SIGTERM; SIGHUP rereads controls")
+
+    def spawn(self, name: str, body: Child, fdmap: dict[int, int]) -> int:
+        pid = fork_child(body, fdmap)
+        self.pids[pid] = name
+        return pid
+
+    def signal_children(self, sig: int, names: tuple[str, ...]) -> None:
+        for pid, name in self.pids.items():
+            if name in names:
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+
+    def on_term(self, signum: int, frame: FrameType | None) -> None:
+        if not self.stopping:
+            self.stopping = True
+            self.signal_children(signal.SIGTERM, ("qmail-send", "tcpserver smtpd"))
+
+    def on_hup(self, signum: int, frame: FrameType | None) -> None:
+        self.signal_children(signal.SIGHUP, ("qmail-send", "tcpserver smtpd"))
+
+    def on_alrm(self, signum: int, frame: FrameType | None) -> None:
+        self.signal_children(signal.SIGALRM, ("qmail-send",))
+
+    def wait(self) -> int:
+        while self.pids:
+            try:
+                pid, status = os.wait()
+            except ChildProcessError:
+                break
+            except InterruptedError:
+                continue
+            name = self.pids.pop(pid, "?")
+            if not self.stopping and name in ("qmail-send", "tcpserver smtpd"):
+                code = os.waitstatus_to_exitcode(status)
+                self.out(f"pyqmail: {name} exited unexpectedly (status {code}); stopping")
+                self.failed = True
+                self.on_term(signal.SIGTERM, None)
+        return 111 if self.failed else 0
+
+
+def run(home: Path, out: Callable[[str], None] = print) -> int:
+    sup = Supervisor(home, out)
+    signal.signal(signal.SIGTERM, sup.on_term)
+    signal.signal(signal.SIGINT, sup.on_term)
+    signal.signal(signal.SIGHUP, sup.on_hup)
+    signal.signal(signal.SIGALRM, sup.on_alrm)
+    sys.stdout.flush()
+    sup.start()
+    sys.stdout.flush()
+    code = sup.wait()
+    out(f"pyqmail stopped at {time.strftime('%Y-%m-%d %H:%M:%S')}")
+    return code
+
+
+def default_me() -> str:
+    name = socket.getfqdn() or socket.gethostname() or "localhost"
+    return name.lower()

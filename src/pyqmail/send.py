@@ -1,0 +1,1003 @@
+"""qmail-send: the scheduler.
+
+It preprocesses queued messages (todo/ -> info/, local/, remote/), hands one
+recipient at a time to qmail-lspawn or qmail-rspawn, records results, retries
+on qmail's schedule, writes bounces, and asks qmail-clean to remove files.
+Its fds are qmail's: log on fd 0, lspawn on 1/2, rspawn on 3/4, clean on 5/6
+(when started as a program); `pyqmail run` forks it with the same pipes.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import heapq
+import math
+import os
+import select
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+
+from .constants import (
+    OSSIFIED,
+    REPORTMAX,
+    SLEEP_CLEANUP,
+    SLEEP_FOREVER,
+    SLEEP_FUZZ,
+    SLEEP_SYSFAIL,
+    SLEEP_TODO,
+    SPLIT,
+)
+from .control import ControlError, SendControls, domain_suffixes
+from .fmt import quote, quote2, rfc822_date, safe
+from .home import HOME_HELP, resolve_home
+from .qq import QueueClient
+from .queue import fsync_dir
+
+LOCAL, REMOTE = 0, 1
+CHANNEL_NAMES = ("local", "remote")
+CHANSKIP = (10, 20)
+
+Clock = Callable[[], float]
+
+
+def file_clock(path: str) -> Clock:
+    """A clock running ahead of real time by the number of seconds in `path`.
+
+    Tests use it to step through qmail's retry schedule without sleeping; the
+    file is read at each look at the clock, so a test can move time on and
+    then pull the trigger to wake qmail-send.
+    """
+
+    def now() -> float:
+        try:
+            with open(path) as f:
+                offset = float(f.read().strip() or 0)
+        except (OSError, ValueError):
+            offset = 0.0
+        return time.time() + offset
+
+    return now
+
+
+def next_retry(birth: float, now: float, channel: int) -> float:
+    age = max(0, int(now - birth))
+    return birth + (math.isqrt(age) + CHANSKIP[channel]) ** 2
+
+
+def rewrite_recipient(ctl: SendControls, rcpt: str) -> tuple[int, str]:
+    """qmail-send's recipient rewriting (§4.3): returns (channel, address)."""
+    if "@" not in rcpt:
+        rcpt = rcpt + "@" + ctl.envnoathost
+    while True:
+        at = rcpt.rfind("@")
+        local, domain = rcpt[:at], rcpt[at + 1 :]
+        if domain.lower() not in ctl.percenthack or "%" not in local:
+            break
+        pct = local.rfind("%")
+        rcpt = local[:pct] + "@" + local[pct + 1 :]
+    at = rcpt.rfind("@")
+    domain = rcpt[at + 1 :].lower()
+    if domain in ctl.locals:
+        return LOCAL, rcpt
+    vd = ctl.virtualdomains
+    for key in [rcpt.lower(), domain, *domain_suffixes(domain), ""]:
+        if key in vd:
+            prepend = vd[key]
+            if not prepend:
+                return REMOTE, rcpt
+            return LOCAL, prepend + "-" + rcpt
+    return REMOTE, rcpt
+
+
+def verp_sender(sender: str, recipient: str) -> str:
+    """Per-recipient VERP expansion of a sender ending in `-@[]` (§4.4)."""
+    if not sender.endswith("-@[]") or "@" not in recipient:
+        return sender
+    base = sender[:-4]
+    at = base.rfind("@")
+    if at < 0 or at == len(base) - 1:
+        return sender
+    box_at = recipient.rfind("@")
+    return base[:at] + recipient[:box_at] + "=" + recipient[box_at + 1 :] + base[at:]
+
+
+def strip_virtual(ctl: SendControls, recipient: str) -> str:
+    """The recipient as the sender wrote it: a virtualdomains prepend removed."""
+    at = recipient.rfind("@")
+    domain = recipient[at + 1 :].lower()
+    if domain in ctl.locals:
+        return recipient
+    for key in [domain, *domain_suffixes(domain), ""]:
+        if key in ctl.virtualdomains:
+            prepend = ctl.virtualdomains[key]
+            if prepend and recipient.startswith(prepend + "-"):
+                return recipient[len(prepend) + 1 :]
+            return recipient
+    return recipient
+
+
+def bounce_paragraph(recipient: str, report: str) -> str:
+    t = "<" + recipient.replace("\n", "_") + ">:\n" + report
+    if report and not report.endswith("\n"):
+        t += "\n"
+    chars = list(t)
+    for p in range(len(chars) - 2, 0, -1):
+        if chars[p - 1] == "\n" and chars[p] == "\n":
+            chars[p] = "/"
+    return "".join(chars) + "\n"
+
+
+@dataclass
+class Delivery:
+    number: int  # delivery id for the log
+    msg: int
+    job: Job
+    recipient: str
+    offset: int  # byte offset of the record's status letter in the channel file
+
+
+@dataclass
+class Job:
+    msg: int
+    channel: int
+    path: str
+    sender: str
+    birth: float
+    retry: float
+    dying: bool
+    records: list[tuple[int, str]]  # (offset, recipient) of records still NOT DONE
+    next_record: int = 0
+    outstanding: int = 0
+    remaining: int = 0  # NOT DONE after this pass's results so far
+
+
+@dataclass
+class Channel:
+    index: int
+    cmd_fd: int
+    result_fd: int
+    concurrency: int
+    slots: list[Delivery | None] = field(default_factory=list)
+    pending: bytearray = field(default_factory=bytearray)
+    results: bytearray = field(default_factory=bytearray)
+    queue: list[tuple[float, int]] = field(default_factory=list)  # heap of (due, msg)
+    scheduled: dict[int, float] = field(default_factory=dict)  # msg -> due, for dedup
+    jobs: list[Job] = field(default_factory=list)  # passes open, in order
+
+    @property
+    def used(self) -> int:
+        return sum(1 for s in self.slots if s is not None)
+
+    def free_slot(self) -> int | None:
+        for i, s in enumerate(self.slots):
+            if s is None:
+                return i
+        return None
+
+    def schedule(self, msg: int, due: float) -> None:
+        self.scheduled[msg] = due
+        heapq.heappush(self.queue, (due, msg))
+
+    def pop_due(self, now: float) -> int | None:
+        while self.queue:
+            due, msg = self.queue[0]
+            if self.scheduled.get(msg) != due:
+                heapq.heappop(self.queue)  # stale entry
+                continue
+            if due > now:
+                return None
+            heapq.heappop(self.queue)
+            del self.scheduled[msg]
+            return msg
+        return None
+
+    def next_due(self) -> float | None:
+        while self.queue and self.scheduled.get(self.queue[0][1]) != self.queue[0][0]:
+            heapq.heappop(self.queue)
+        return self.queue[0][0] if self.queue else None
+
+
+class QmailSend:
+    def __init__(
+        self,
+        home: Path,
+        log_fd: int,
+        local_fds: tuple[int, int],
+        remote_fds: tuple[int, int],
+        clean_fds: tuple[int, int],
+        clock: Clock = time.time,
+    ) -> None:
+        self.home = home
+        self.queue = home / "queue"
+        self.log_fd = log_fd
+        self.clock = clock
+        self.ctl: SendControls
+        self.channels = [
+            Channel(LOCAL, local_fds[0], local_fds[1], 0),
+            Channel(REMOTE, remote_fds[0], remote_fds[1], 0),
+        ]
+        self.clean_cmd, self.clean_reply = clean_fds
+        self.delivery_count = 0
+        self.todo: list[int] = []
+        self.todo_scan_at = 0.0
+        self.cleanup_at = 0.0
+        self.done_checks: list[tuple[float, int]] = []
+        self.stat_retries: list[tuple[float, int]] = []
+        self.exitasap = False
+        self.hup = False
+        self.alarm = False
+        self.trigger_fd = -1
+        self.trigger_keep = -1
+
+    # -- logging --------------------------------------------------------------------
+
+    def log(self, line: str) -> None:
+        data = (line + "\n").encode("utf-8", "replace")
+        while data:
+            try:
+                n = os.write(self.log_fd, data)
+            except InterruptedError:
+                continue
+            except OSError:
+                return  # a dead logger must not stop deliveries
+            data = data[n:]
+
+    def log_status(self) -> None:
+        loc, rem = self.channels
+        line = f"status: local {loc.used}/{loc.concurrency} remote {rem.used}/{rem.concurrency}"
+        self.log(line + (" exitasap" if self.exitasap else ""))
+
+    # -- paths ----------------------------------------------------------------------
+
+    def path(self, kind: str, n: int) -> str:
+        if kind in ("mess", "info", "local", "remote"):
+            return f"{self.queue}/{kind}/{n % SPLIT}/{n}"
+        return f"{self.queue}/{kind}/{n}"
+
+    @staticmethod
+    def rel(kind: str, n: int) -> str:
+        if kind in ("mess", "info", "local", "remote"):
+            return f"{kind}/{n % SPLIT}/{n}"
+        return f"{kind}/{n}"
+
+    # -- qmail-clean ----------------------------------------------------------------
+
+    def clean(self, command: str) -> bool:
+        try:
+            os.write(self.clean_cmd, command.encode() + b"\0")
+            reply = b""
+            while not reply:
+                try:
+                    reply = os.read(self.clean_reply, 1)
+                except InterruptedError:
+                    continue
+                if not reply:
+                    break
+        except OSError:
+            reply = b""
+        if not reply:
+            self.log("alert: oh no! lost qmail-clean connection! dying...")
+            self.die()
+        if reply != b"+":
+            self.log(f"warning: qmail-clean unable to clean up {command}")
+            return False
+        return True
+
+    def die(self) -> None:
+        os._exit(111)
+
+    # -- startup --------------------------------------------------------------------
+
+    def handshake(self) -> None:
+        for ch in self.channels:
+            try:
+                byte = os.read(ch.result_fd, 1)
+            except OSError:
+                byte = b""
+            if not byte:
+                self.log("alert: cannot start: hath the daemon spawn no fire?")
+                sys.exit(111)
+            limit = byte[0]
+            conc = self.ctl.concurrencylocal if ch.index == LOCAL else self.ctl.concurrencyremote
+            ch.concurrency = min(conc, limit)
+            ch.slots = [None] * ch.concurrency
+            os.set_blocking(ch.result_fd, False)
+            os.set_blocking(ch.cmd_fd, False)
+
+    def recover(self) -> None:
+        """Rebuild the schedule from info/ after a start or a crash (§3.7)."""
+        now = self.clock()
+        for s in range(SPLIT):
+            try:
+                names = os.listdir(f"{self.queue}/info/{s}")
+            except OSError:
+                self.log(f"alert: unable to opendir info/{s}, sleeping...")
+                continue
+            for name in names:
+                if name.isdigit():
+                    self.schedule_existing(int(name), now)
+
+    def schedule_existing(self, n: int, now: float) -> None:
+        if os.path.exists(self.path("todo", n)):
+            return  # it will be preprocessed again
+        found = False
+        for ch in self.channels:
+            kind = CHANNEL_NAMES[ch.index]
+            try:
+                st = os.stat(self.path(kind, n))
+            except FileNotFoundError:
+                continue
+            except OSError:
+                self.log(f"warning: unable to stat {self.rel(kind, n)}; will try again later")
+                self.stat_retries.append((now + SLEEP_SYSFAIL, n))
+                return
+            found = True
+            ch.schedule(n, st.st_mtime)
+        if not found:
+            self.done_checks.append((now, n))
+
+    def open_trigger(self) -> None:
+        trigger = f"{self.queue}/lock/trigger"
+        try:
+            self.trigger_fd = os.open(trigger, os.O_RDONLY | os.O_NONBLOCK)
+            # our own writer keeps the FIFO from signalling EOF once injectors close it
+            self.trigger_keep = os.open(trigger, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError:
+            self.trigger_fd = -1
+
+    # -- todo -----------------------------------------------------------------------
+
+    def scan_todo(self) -> None:
+        try:
+            names = os.listdir(f"{self.queue}/todo")
+        except OSError:
+            self.log("alert: unable to opendir todo, sleeping...")
+            return
+        pending = set(self.todo)
+        for name in names:
+            if name.isdigit() and int(name) not in pending:
+                self.todo.append(int(name))
+
+    def preprocess(self, n: int) -> None:
+        todo_rel = self.rel("todo", n)
+        try:
+            with open(self.path("todo", n), "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            return
+        except OSError:
+            self.log(f"warning: unable to open {todo_rel}")
+            return
+        try:
+            size = os.stat(self.path("mess", n)).st_size
+        except OSError:
+            self.log(f"warning: unable to stat {self.rel('mess', n)}")
+            return
+        for kind in ("local", "remote", "info"):
+            try:
+                os.unlink(self.path(kind, n))
+            except FileNotFoundError:
+                pass
+            except OSError:
+                self.log(f"warning: unable to unlink {self.rel(kind, n)}")
+                return
+        for ch in self.channels:
+            ch.scheduled.pop(n, None)
+        uid = pid = "?"
+        sender: str | None = None
+        channel_data: list[bytearray] = [bytearray(), bytearray()]
+        for rec in data.split(b"\0"):
+            if not rec:
+                continue
+            letter, value = rec[:1], rec[1:].decode("utf-8", "surrogateescape")
+            if letter == b"u":
+                uid = value
+            elif letter == b"p":
+                pid = value
+            elif letter == b"F":
+                sender = value
+            elif letter == b"T":
+                chan, addr = rewrite_recipient(self.ctl, value)
+                channel_data[chan] += b"T" + addr.encode("utf-8", "surrogateescape") + b"\0"
+            else:
+                self.log(f"warning: unknown record type in {todo_rel}")
+        if sender is None:
+            self.log(f"warning: trouble reading {todo_rel}")
+            return
+        written: list[str] = []
+        try:
+            self.log(f"new msg {n}")
+            self.write_synced("info", n, b"F" + sender.encode("utf-8", "surrogateescape") + b"\0")
+            written.append("info")
+            self.log(f"info msg {n}: bytes {size} from <{safe(sender)}> qp {pid} uid {uid}")
+            for ch in self.channels:
+                if channel_data[ch.index]:
+                    kind = CHANNEL_NAMES[ch.index]
+                    self.write_synced(kind, n, bytes(channel_data[ch.index]))
+                    written.append(kind)
+            for kind in {k: None for k in written if k != "info"} | {"info": None}:
+                fsync_dir(f"{self.queue}/{kind}/{n % SPLIT}")
+        except OSError:
+            return  # todo stays; retried on the next scan
+        if not self.clean(f"todo/{n}"):
+            return
+        now = self.clock()
+        any_channel = False
+        for ch in self.channels:
+            if channel_data[ch.index]:
+                ch.schedule(n, now)
+                any_channel = True
+        if not any_channel:
+            self.done_checks.append((now, n))
+
+    def write_synced(self, kind: str, n: int, data: bytes) -> None:
+        rel = self.rel(kind, n)
+        try:
+            fd = os.open(self.path(kind, n), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError:
+            self.log(f"warning: unable to create {rel}")
+            raise
+        try:
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+            except OSError:
+                self.log(f"warning: trouble writing to {rel}")
+                raise
+            try:
+                os.fsync(fd)
+            except OSError:
+                self.log(f"warning: trouble fsyncing {rel}")
+                raise
+        finally:
+            os.close(fd)
+
+    # -- passes and deliveries ------------------------------------------------------
+
+    def open_pass(self, ch: Channel, n: int, now: float) -> None:
+        kind = CHANNEL_NAMES[ch.index]
+        rel = self.rel(kind, n)
+        try:
+            with open(self.path(kind, n), "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            self.done_checks.append((now, n))
+            return
+        except OSError:
+            self.log(f"warning: trouble opening {rel}; will try again later")
+            ch.schedule(n, now + SLEEP_SYSFAIL)
+            return
+        try:
+            with open(self.path("info", n), "rb") as f:
+                info = f.read()
+                birth = os.fstat(f.fileno()).st_mtime
+        except OSError:
+            self.log(f"warning: trouble opening {self.rel('info', n)}; will try again later")
+            ch.schedule(n, now + SLEEP_SYSFAIL)
+            return
+        sender = info[1:].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+        records: list[tuple[int, str]] = []
+        pos = 0
+        bad = False
+        while pos < len(data):
+            end = data.find(b"\0", pos)
+            if end < 0:
+                self.log(f"warning: trouble reading {rel}; will try again later")
+                bad = True
+                break
+            letter = data[pos : pos + 1]
+            if letter == b"T":
+                records.append((pos, data[pos + 1 : end].decode("utf-8", "surrogateescape")))
+            elif letter != b"D":
+                self.log(f"warning: unknown record type in {rel}!")
+            pos = end + 1
+        job = Job(
+            msg=n,
+            channel=ch.index,
+            path=self.path(kind, n),
+            sender=sender,
+            birth=birth,
+            retry=next_retry(birth, now, ch.index),
+            dying=now > birth + self.ctl.queuelifetime,
+            records=records,
+            remaining=len(records) + (1 if bad else 0),
+        )
+        ch.jobs.append(job)
+        self.maybe_finish_job(ch, job)
+
+    def start_deliveries(self, ch: Channel) -> bool:
+        """Start as many deliveries as slots allow; True if something happened."""
+        progressed = False
+        for job in list(ch.jobs):
+            while job.next_record < len(job.records):
+                if ch.pending or self.exitasap:
+                    return progressed
+                slot = ch.free_slot()
+                if slot is None:
+                    return progressed
+                offset, recipient = job.records[job.next_record]
+                job.next_record += 1
+                job.outstanding += 1
+                self.delivery_count += 1
+                d = Delivery(self.delivery_count, job.msg, job, recipient, offset)
+                ch.slots[slot] = d
+                sender = verp_sender(job.sender, recipient)
+                messid = f"{job.msg % SPLIT}/{job.msg}"
+                ch.pending += (
+                    bytes([slot])
+                    + messid.encode()
+                    + b"\0"
+                    + sender.encode("utf-8", "surrogateescape")
+                    + b"\0"
+                    + recipient.encode("utf-8", "surrogateescape")
+                    + b"\0"
+                )
+                self.flush_pending(ch)
+                self.log(
+                    f"starting delivery {d.number}: msg {job.msg} to "
+                    f"{CHANNEL_NAMES[ch.index]} {safe(recipient)}"
+                )
+                self.log_status()
+                progressed = True
+        return progressed
+
+    def flush_pending(self, ch: Channel) -> None:
+        while ch.pending:
+            try:
+                n = os.write(ch.cmd_fd, ch.pending)
+            except BlockingIOError:
+                return
+            except InterruptedError:
+                continue
+            except OSError:
+                self.log("alert: oh no! lost spawn connection! dying...")
+                self.die()
+                return
+            del ch.pending[:n]
+
+    def read_results(self, ch: Channel) -> None:
+        while True:
+            try:
+                data = os.read(ch.result_fd, 65536)
+            except BlockingIOError:
+                break
+            except InterruptedError:
+                continue
+            except OSError:
+                data = b""
+            if not data:
+                self.log("alert: oh no! lost spawn connection! dying...")
+                self.die()
+                return
+            ch.results += data
+        while True:
+            end = ch.results.find(b"\0", 1)
+            if end < 0:
+                if len(ch.results) > REPORTMAX + 2:
+                    # overlong report: keep only what qmail-send would have kept
+                    del ch.results[REPORTMAX + 1 : -1]
+                return
+            report = bytes(ch.results[:end])
+            del ch.results[: end + 1]
+            self.handle_result(ch, report[0], report[1:][:REPORTMAX])
+
+    def handle_result(self, ch: Channel, slot: int, report: bytes) -> None:
+        if slot >= len(ch.slots) or ch.slots[slot] is None:
+            self.log("warning: internal error: delivery report out of range")
+            return
+        d = ch.slots[slot]
+        assert d is not None
+        ch.slots[slot] = None
+        job = d.job
+        letter = report[:1]
+        text = report[1:].decode("utf-8", "replace")
+        if letter == b"K":
+            self.log(f"delivery {d.number}: success: {safe(text)}")
+            self.mark_done(d)
+            job.remaining -= 1
+        elif letter == b"Z" and not job.dying:
+            self.log(f"delivery {d.number}: deferral: {safe(text)}")
+        elif letter in (b"D", b"Z"):
+            if letter == b"Z":
+                text += "I'm not going to try again; this message has been in the queue too long.\n"
+            self.log(f"delivery {d.number}: failure: {safe(text)}")
+            self.add_bounce(d, text)
+            self.mark_done(d)
+            job.remaining -= 1
+        else:
+            self.log(f"delivery {d.number}: report mangled, will defer")
+        job.outstanding -= 1
+        self.log_status()
+        self.maybe_finish_job(ch, job)
+
+    def add_bounce(self, d: Delivery, text: str) -> None:
+        paragraph = bounce_paragraph(strip_virtual(self.ctl, d.recipient), text)
+        data = paragraph.encode("utf-8", "surrogateescape")
+        while True:
+            try:
+                fd = os.open(
+                    self.path("bounce", d.msg), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600
+                )
+                try:
+                    os.write(fd, data)
+                finally:
+                    os.close(fd)
+                return
+            except OSError:
+                self.log("alert: unable to append to bounce message; HELP! sleeping...")
+                time.sleep(10)
+
+    def mark_done(self, d: Delivery) -> None:
+        try:
+            fd = os.open(d.job.path, os.O_WRONLY)
+            try:
+                os.pwrite(fd, b"D", d.offset)
+            finally:
+                os.close(fd)
+        except OSError:
+            kind = CHANNEL_NAMES[d.job.channel]
+            self.log(
+                f"warning: trouble marking {self.rel(kind, d.msg)}; "
+                "message will be delivered twice!"
+            )
+
+    def maybe_finish_job(self, ch: Channel, job: Job) -> None:
+        if job.next_record < len(job.records) or job.outstanding:
+            return
+        ch.jobs.remove(job)
+        now = self.clock()
+        if job.remaining <= 0:
+            kind = CHANNEL_NAMES[ch.index]
+            try:
+                os.unlink(job.path)
+            except FileNotFoundError:
+                pass
+            except OSError:
+                self.log(
+                    f"warning: unable to unlink {self.rel(kind, job.msg)}; will try again later"
+                )
+                ch.schedule(job.msg, now + SLEEP_SYSFAIL)
+                return
+            other = CHANNEL_NAMES[1 - ch.index]
+            if not os.path.exists(self.path(other, job.msg)):
+                self.done_checks.append((now, job.msg))
+        else:
+            ch.schedule(job.msg, job.retry)
+
+    # -- finishing messages ---------------------------------------------------------
+
+    def message_done(self, n: int) -> bool:
+        """Send the bounce if any, log end msg, remove the message (§3.6)."""
+        for kind in ("local", "remote", "todo"):
+            if os.path.exists(self.path(kind, n)):
+                return True  # not finished; someone else holds it
+        if any(job.msg == n for ch in self.channels for job in ch.jobs):
+            return True
+        if os.path.exists(self.path("bounce", n)):
+            if not self.inject_bounce(n):
+                return False
+        self.log(f"end msg {n}")
+        try:
+            os.unlink(self.path("info", n))
+        except FileNotFoundError:
+            pass
+        except OSError:
+            self.log(f"warning: unable to unlink {self.rel('info', n)}; will try again later")
+            return False
+        return self.clean(f"foop/{n}")
+
+    def inject_bounce(self, n: int) -> bool:
+        try:
+            with open(self.path("info", n), "rb") as f:
+                info = f.read()
+            with open(self.path("bounce", n), "rb") as f:
+                report = f.read()
+            mess = open(self.path("mess", n), "rb")  # noqa: SIM115 - streamed below
+        except OSError:
+            self.log(f"warning: unable to stat {self.rel('bounce', n)}")
+            return False
+        with mess:
+            sender = info[1:].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+            if sender.endswith("-@[]"):
+                sender = sender[:-4]
+            if sender == "#@[]":
+                self.log(f"triple bounce: discarding {self.rel('bounce', n)}")
+            else:
+                ctl = self.ctl
+                if sender:
+                    rcpt, bsender, double = sender, "", False
+                else:
+                    rcpt = f"{ctl.doublebounceto}@{ctl.doublebouncehost}"
+                    bsender, double = "#@[]", True
+                head = (
+                    f"Date: {rfc822_date(time.time())}\n"
+                    f"From: {quote(ctl.bouncefrom)}@{ctl.bouncehost}\n"
+                    f"To: {quote2(rcpt)}\n"
+                    "Subject: failure notice\n"
+                    "\n"
+                    f"Hi. This is the qmail-send program at {ctl.bouncehost}.\n"
+                )
+                if double:
+                    head += (
+                        "I tried to deliver a bounce message to this address, "
+                        "but the bounce bounced!\n\n"
+                    )
+                else:
+                    head += (
+                        "I'm afraid I wasn't able to deliver your message to the "
+                        "following addresses.\n"
+                        "This is a permanent error; I've given up. Sorry it didn't work out.\n\n"
+                    )
+                tail = (
+                    "--- Below this line is the original bounce.\n"
+                    if double
+                    else "--- Below this line is a copy of the message.\n"
+                )
+                tail += f"\nReturn-Path: <{quote2(sender)}>\n"
+                try:
+                    qq = QueueClient(self.home, invoked="for bounce")
+                except OSError:
+                    self.log("warning: unable to start qmail-queue, will try later")
+                    return False
+                qq.write(head.encode("utf-8", "surrogateescape"))
+                qq.write(report)
+                qq.write(tail.encode("utf-8", "surrogateescape"))
+                while chunk := mess.read(65536):
+                    qq.write(chunk)
+                result = qq.finish(bsender, [rcpt])
+                if not result.ok:
+                    self.log("warning: trouble injecting bounce message, will try later")
+                    return False
+                self.log(f"bounce msg {n} qp {result.qp}")
+        try:
+            os.unlink(self.path("bounce", n))
+        except OSError:
+            self.log(f"warning: unable to unlink {self.rel('bounce', n)}")
+            return False
+        return True
+
+    # -- cleanup of crashed injections ------------------------------------------------
+
+    def cleanup(self, now: float) -> None:
+        for s in range(SPLIT):
+            try:
+                names = os.listdir(f"{self.queue}/mess/{s}")
+            except OSError:
+                continue
+            for name in names:
+                if not name.isdigit():
+                    continue
+                n = int(name)
+                try:
+                    st = os.stat(self.path("mess", n))
+                except OSError:
+                    continue
+                if now <= st.st_atime + OSSIFIED:
+                    continue
+                if os.path.exists(self.path("info", n)) or os.path.exists(self.path("todo", n)):
+                    continue
+                self.clean(f"foop/{n}")
+
+    # -- signals --------------------------------------------------------------------
+
+    def on_term(self, signum: int, frame: FrameType | None) -> None:
+        self.exitasap = True
+
+    def on_hup(self, signum: int, frame: FrameType | None) -> None:
+        self.hup = True
+
+    def on_alrm(self, signum: int, frame: FrameType | None) -> None:
+        self.alarm = True
+
+    def reread(self) -> None:
+        try:
+            ctl = SendControls.load(self.home)
+        except ControlError as e:
+            self.log(f"alert: unable to reread controls: {safe(str(e))}")
+            return
+        self.ctl = ctl
+        for ch in self.channels:
+            conc = ctl.concurrencylocal if ch.index == LOCAL else ctl.concurrencyremote
+            if conc > len(ch.slots):
+                ch.slots += [None] * (conc - len(ch.slots))
+            ch.concurrency = conc
+        # shrinking takes effect as busy slots above the new limit become free
+        self.log_status()
+
+    def save_schedule(self) -> None:
+        for ch in self.channels:
+            kind = CHANNEL_NAMES[ch.index]
+            for n, due in ch.scheduled.items():
+                try:
+                    os.utime(self.path(kind, n), (due, due))
+                except FileNotFoundError:
+                    pass
+                except OSError:
+                    self.log(
+                        f"warning: unable to utime {self.rel(kind, n)}; "
+                        "message will be retried too soon"
+                    )
+
+    # -- main loop ------------------------------------------------------------------
+
+    def run(self) -> int:
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, self.on_term)
+        signal.signal(signal.SIGINT, self.on_term)
+        signal.signal(signal.SIGHUP, self.on_hup)
+        signal.signal(signal.SIGALRM, self.on_alrm)
+        os.umask(0o077)
+        self.handshake()
+        self.recover()
+        self.open_trigger()
+        now = self.clock()
+        self.todo_scan_at = now
+        self.cleanup_at = now
+        self.log_status()
+        while True:
+            if self.hup:
+                self.hup = False
+                self.reread()
+            if self.alarm:
+                self.alarm = False
+                for ch in self.channels:
+                    for n in list(ch.scheduled):
+                        ch.schedule(n, 0.0)
+            now = self.clock()
+            if self.exitasap and not any(ch.used for ch in self.channels):
+                break
+            busy = self.step(now)
+            timeout = 0.0 if busy else self.timeout(now)
+            self.wait(timeout)
+        self.save_schedule()
+        self.log("status: exiting")
+        return 0
+
+    def step(self, now: float) -> bool:
+        busy = False
+        for ch in self.channels:
+            self.flush_pending(ch)
+        if not self.exitasap:
+            if now >= self.todo_scan_at:
+                self.scan_todo()
+                self.todo_scan_at = now + SLEEP_TODO
+            # preprocessing is cheap next to deliveries; a small batch keeps the loop lean
+            for _ in range(min(len(self.todo), 8)):
+                self.preprocess(self.todo.pop(0))
+                busy = True
+            busy = busy or bool(self.todo)
+            for ch in self.channels:
+                if ch.concurrency == 0:
+                    continue
+                while ch.free_slot() is not None and not ch.pending:
+                    if self.start_deliveries(ch):
+                        busy = True
+                    if ch.free_slot() is None or ch.pending:
+                        break
+                    if any(j.next_record < len(j.records) for j in ch.jobs):
+                        break
+                    n = ch.pop_due(now)
+                    if n is None:
+                        break
+                    self.open_pass(ch, n, now)
+                    busy = True
+        for queue, handler in (
+            (self.stat_retries, self.retry_stat),
+            (self.done_checks, self.done_check),
+        ):
+            due_now = [item for item in queue if item[0] <= now]
+            if due_now:
+                queue[:] = [item for item in queue if item[0] > now]
+                for _, n in due_now:
+                    handler(n, now)
+                busy = True
+        if not self.exitasap and now >= self.cleanup_at:
+            self.cleanup(now)
+            self.cleanup_at = now + SLEEP_CLEANUP
+        return busy
+
+    def retry_stat(self, n: int, now: float) -> None:
+        self.schedule_existing(n, now)
+
+    def done_check(self, n: int, now: float) -> None:
+        if not self.message_done(n):
+            self.done_checks.append((now + SLEEP_SYSFAIL, n))
+
+    def timeout(self, now: float) -> float:
+        candidates = [self.todo_scan_at, self.cleanup_at]
+        for ch in self.channels:
+            if ch.concurrency and ch.free_slot() is not None and not self.exitasap:
+                due = ch.next_due()
+                if due is not None:
+                    candidates.append(due)
+        candidates += [t for t, _ in self.done_checks] + [t for t, _ in self.stat_retries]
+        wait = min(candidates) - now
+        if wait <= 0:
+            return 0.0
+        return min(wait + SLEEP_FUZZ, SLEEP_FOREVER)
+
+    def wait(self, timeout: float) -> None:
+        rfds = [ch.result_fd for ch in self.channels]
+        if self.trigger_fd >= 0 and not self.exitasap:
+            rfds.append(self.trigger_fd)
+        wfds = [ch.cmd_fd for ch in self.channels if ch.pending]
+        try:
+            readable, writable, _ = select.select(rfds, wfds, [], timeout)
+        except InterruptedError:
+            return
+        except OSError as e:
+            if e.errno != errno.EINTR:
+                self.log("warning: trouble in select")
+            return
+        for ch in self.channels:
+            if ch.result_fd in readable:
+                self.read_results(ch)
+            if ch.cmd_fd in writable:
+                self.flush_pending(ch)
+        if self.trigger_fd in readable:
+            try:
+                while os.read(self.trigger_fd, 4096):
+                    pass
+            except OSError:
+                pass
+            self.todo_scan_at = 0.0
+
+
+def start(
+    home: Path,
+    log_fd: int,
+    local_fds: tuple[int, int],
+    remote_fds: tuple[int, int],
+    clean_fds: tuple[int, int],
+) -> int:
+    """qmail-send's startup (§4.1) then its loop; returns the exit code."""
+    clock_file = os.environ.get("PYQMAIL_CLOCK_FILE")
+    clock = file_clock(clock_file) if clock_file else time.time
+    send = QmailSend(home, log_fd, local_fds, remote_fds, clean_fds, clock)
+    try:
+        os.chdir(home)
+    except OSError:
+        send.log("alert: cannot start: unable to switch to home directory")
+        return 111
+    try:
+        send.ctl = SendControls.load(home)
+    except ControlError as e:
+        send.log(f"alert: cannot start: unable to read controls: {safe(str(e))}")
+        return 111
+    try:
+        os.chdir(home / "queue")
+    except OSError:
+        send.log("alert: cannot start: unable to switch to queue directory")
+        return 111
+    try:
+        mutex = os.open(f"{home}/queue/lock/sendmutex", os.O_WRONLY | os.O_CREAT, 0o600)
+    except OSError:
+        send.log("alert: cannot start: unable to open mutex")
+        return 111
+    try:
+        fcntl.flock(mutex, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        send.log("alert: cannot start: qmail-send is already running")
+        return 111
+    return send.run()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] in (["-h"], ["--help"]):
+        print(
+            "usage: qmail-send [--home DIR]\n"
+            "  fds as qmail: log on 0, lspawn 1/2, rspawn 3/4, qmail-clean 5/6;\n"
+            "  normally started by `pyqmail run`.\n"
+            f"  {HOME_HELP}"
+        )
+        sys.exit(0)
+    home = resolve_home(args[1] if len(args) >= 2 and args[0] == "--home" else None)
+    sys.exit(start(home, 0, (1, 2), (3, 4), (5, 6)))
