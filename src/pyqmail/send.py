@@ -234,6 +234,7 @@ class QmailSend:
         self.alarm = False
         self.trigger_fd = -1
         self.trigger_keep = -1
+        self.wake_r = -1
 
     # -- logging --------------------------------------------------------------------
 
@@ -833,6 +834,12 @@ class QmailSend:
         signal.signal(signal.SIGINT, self.on_term)
         signal.signal(signal.SIGHUP, self.on_hup)
         signal.signal(signal.SIGALRM, self.on_alrm)
+        # select() is restarted after a signal handler runs (PEP 475); the wakeup
+        # pipe makes a TERM/HUP/ALRM end the wait at once
+        self.wake_r, wake_w = os.pipe()
+        os.set_blocking(self.wake_r, False)
+        os.set_blocking(wake_w, False)
+        signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
         os.umask(0o077)
         self.handshake()
         self.recover()
@@ -924,7 +931,7 @@ class QmailSend:
         return min(wait + SLEEP_FUZZ, SLEEP_FOREVER)
 
     def wait(self, timeout: float) -> None:
-        rfds = [ch.result_fd for ch in self.channels]
+        rfds = [ch.result_fd for ch in self.channels] + [self.wake_r]
         if self.trigger_fd >= 0 and not self.exitasap:
             rfds.append(self.trigger_fd)
         wfds = [ch.cmd_fd for ch in self.channels if ch.pending]
@@ -941,6 +948,12 @@ class QmailSend:
                 self.read_results(ch)
             if ch.cmd_fd in writable:
                 self.flush_pending(ch)
+        if self.wake_r in readable:
+            try:
+                while os.read(self.wake_r, 4096):
+                    pass
+            except OSError:
+                pass
         if self.trigger_fd in readable:
             try:
                 while os.read(self.trigger_fd, 4096):
