@@ -1,0 +1,142 @@
+"""Running a real pyqmail MTA (`pyqmail run`) from tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+
+
+def bin_path(name: str) -> str:
+    return str(BIN / name)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(pred: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def maildir_count(path: Path) -> int:
+    return sum(len(os.listdir(path / sub)) for sub in ("new", "cur") if (path / sub).is_dir())
+
+
+def queue_empty(home: Path) -> bool:
+    q = home / "queue"
+    if os.listdir(q / "todo"):
+        return False
+    return not any(os.listdir(q / "info" / str(i)) for i in range(23))
+
+
+def queue_files(home: Path) -> list[str]:
+    """Every file left in the queue, except the lock files."""
+    q = home / "queue"
+    out = []
+    for root, _dirs, files in os.walk(q):
+        if Path(root) == q / "lock":
+            continue
+        out += [os.path.join(root, f) for f in files]
+    return sorted(out)
+
+
+class MTA:
+    """`pyqmail run --home HOME` in a child process; stop() sends SIGTERM and waits."""
+
+    def __init__(self, home: Path, env: dict[str, str] | None = None) -> None:
+        self.home = home
+        self.env = dict(os.environ, **(env or {}))
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.smtp_port = 0
+
+    def start(self) -> MTA:
+        listen = self.home / "control" / "smtplisten"
+        if listen.exists():
+            self.smtp_port = int(listen.read_text().split()[0].rsplit(":", 1)[1])
+        else:
+            # never the shared default port: tests run side by side
+            self.smtp_port = free_port()
+            listen.write_text(f"127.0.0.1:{self.smtp_port}\n")
+        self.proc = subprocess.Popen(
+            [bin_path("pyqmail"), "run", "--home", str(self.home)],
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        wait_for(lambda: "status: local" in self.log(), 20, "qmail-send to start")
+        return self
+
+    def log(self) -> str:
+        try:
+            return (self.home / "log" / "send" / "current").read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def trigger(self) -> None:
+        fd = os.open(self.home / "queue" / "lock" / "trigger", os.O_WRONLY | os.O_NONBLOCK)
+        try:
+            os.write(fd, b"\0")
+        finally:
+            os.close(fd)
+
+    def kill9(self) -> None:
+        """Kill the whole process group at once, as a crash or power cut would."""
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+        self.proc = None
+
+    def stop(self, timeout: float = 30) -> int:
+        if self.proc is None:
+            return 0
+        proc, self.proc = self.proc, None
+        try:
+            proc.send_signal(signal.SIGTERM)
+            code = proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+            raise AssertionError("pyqmail run did not stop on SIGTERM") from None
+        finally:
+            if proc.stdout:
+                proc.stdout.close()
+            try:  # anything left in the group (a stuck child) must not outlive the test
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        return code
+
+    def __enter__(self) -> MTA:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def sendmail(
+    home: Path, args: list[str], message: bytes, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[bytes]:
+    full_env = dict(os.environ, QMAILHOME=str(home), **(env or {}))
+    return subprocess.run(
+        [bin_path("sendmail"), *args],
+        input=message,
+        env=full_env,
+        capture_output=True,
+        timeout=60,
+    )

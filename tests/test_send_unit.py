@@ -1,0 +1,85 @@
+"""qmail-send's pure rules: rewriting, VERP, retry schedule, bounce paragraphs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pyqmail.control import SendControls
+from pyqmail.send import (
+    LOCAL,
+    REMOTE,
+    bounce_paragraph,
+    next_retry,
+    rewrite_recipient,
+    strip_virtual,
+    verp_sender,
+)
+
+
+@pytest.fixture
+def ctl(qmail_home: Path) -> SendControls:
+    c = qmail_home / "control"
+    (c / "percenthack").write_text("example.test\n")
+    (c / "virtualdomains").write_text(
+        "# virtual users\nvirt.test:joe-v\nbob@one.test:bobby\n.sub.test:subby\nnot.virt.test:\n"
+    )
+    return SendControls.load(qmail_home)
+
+
+def test_locals_are_local_case_insensitively(ctl: SendControls) -> None:
+    assert rewrite_recipient(ctl, "Bob@Example.TEST") == (LOCAL, "Bob@Example.TEST")
+    assert rewrite_recipient(ctl, "bob@elsewhere.test") == (REMOTE, "bob@elsewhere.test")
+
+
+def test_envnoathost_completes_bare_names(ctl: SendControls) -> None:
+    assert rewrite_recipient(ctl, "bob") == (LOCAL, "bob@mx.example.test")
+
+
+def test_percent_hack_repeats_while_domain_listed(ctl: SendControls) -> None:
+    assert rewrite_recipient(ctl, "a%b%example.test@example.test") == (REMOTE, "a@b")
+    assert rewrite_recipient(ctl, "a%far.test@example.test") == (REMOTE, "a@far.test")
+
+
+def test_virtualdomains_key_order(ctl: SendControls) -> None:
+    assert rewrite_recipient(ctl, "info@virt.test") == (LOCAL, "joe-v-info@virt.test")
+    # the whole address beats the domain
+    assert rewrite_recipient(ctl, "bob@one.test") == (LOCAL, "bobby-bob@one.test")
+    assert rewrite_recipient(ctl, "x@a.b.sub.test") == (LOCAL, "subby-x@a.b.sub.test")
+    # an empty prepend is an explicit exception: remote
+    assert rewrite_recipient(ctl, "x@not.virt.test") == (REMOTE, "x@not.virt.test")
+
+
+def test_strip_virtual_for_bounce_text(ctl: SendControls) -> None:
+    assert strip_virtual(ctl, "joe-v-info@virt.test") == "info@virt.test"
+    assert strip_virtual(ctl, "bob@example.test") == "bob@example.test"
+
+
+def test_verp_expansion() -> None:
+    assert (
+        verp_sender("list-owner-@example.org-@[]", "joe@a.net")
+        == "list-owner-joe=a.net@example.org"
+    )
+    assert verp_sender("plain@example.org", "joe@a.net") == "plain@example.org"
+    assert verp_sender("", "joe@a.net") == ""
+
+
+@pytest.mark.parametrize(
+    ("channel", "ages"),
+    [(LOCAL, [0, 100, 400, 900, 1600, 2500]), (REMOTE, [0, 400, 1600, 3600, 6400, 10000])],
+)
+def test_retry_schedule_matches_qmail(channel: int, ages: list[int]) -> None:
+    birth = 1_000_000.0
+    for this_age, following in zip(ages, ages[1:], strict=False):
+        assert next_retry(birth, birth + this_age, channel) == birth + following
+
+
+def test_retry_with_birth_in_future_uses_zero_age() -> None:
+    assert next_retry(2000.0, 1000.0, LOCAL) == 2100.0
+
+
+def test_bounce_paragraph_neutralises_blank_lines() -> None:
+    text = bounce_paragraph("bob@example.test", "first\n\nsecond")
+    assert text == "<bob@example.test>:\nfirst\n/second\n\n"
+    assert bounce_paragraph("a\nb@x", "") == "<a_b@x>:\n\n"
