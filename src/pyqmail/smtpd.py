@@ -1,0 +1,654 @@
+"""qmail-smtpd: receive mail over SMTP and hand it to qmail-queue.
+
+The protocol lives in pyqmail.smtp_server; this module supplies qmail's policy
+(rcpthosts, morercpthosts.cdb, RELAYCLIENT, badmailfrom, databytes,
+localiphost), the Received line, the qmail-queue plumbing and the I/O loop.
+
+Run it under tcpserver (`tcpserver 0 25 qmail-smtpd`): fd 0 reads from the
+client, fd 1 writes to it, fd 2 is the log, one process per connection; or
+call `handle_connection()` in a child forked by a warm pyqmail tcpserver.
+Controls are read once per connection, so edits apply to the next one.
+
+Differences from qmail-smtpd 1.03, all deliberate:
+- no `rcpthosts` file means no relaying at all (qmail would be an open relay):
+  only RELAYCLIENT clients get their recipients accepted;
+- a bare CR in DATA is refused like a bare LF (451 and disconnect, see
+  smtp_server), command lines are limited, a command line with a NUL byte is
+  refused instead of being cut at the NUL;
+- EHLO also offers SIZE, ENHANCEDSTATUSCODES and SMTPUTF8; MAIL parameters are
+  checked (SIZE over databytes: 552 at MAIL already);
+- the Received line says `ESMTP` after EHLO (RFC 3848) and `SMTP` after HELO;
+- `localiphost` rewriting also knows IPv6 literals (`[IPv6:...]`);
+- extra controls (all optional): `maxrcpt` (recipients per message, default
+  100), `datalinemax` (longest DATA line in bytes including CRLF, default
+  1000, 0 = no limit), `rejectunknownrcpt` (see below).
+
+Rejecting unknown local recipients at RCPT time (off by default, qmail bounces
+them later instead): enabled by a non-zero number in `control/rejectunknownrcpt`
+or by `REJECTUNKNOWN` in the environment (`0` or empty turns it off again, so
+tcprules can override the control file per client).  For an address whose
+domain is in `locals` or routed by `virtualdomains`, the local part is looked
+up the way qmail-lspawn and qmail-local would (users/cdb exact and wildcard
+entries, the system password file only when running as root, else the alias
+user with HOME/alias) and the `.qmail` file search of qmail-local is done
+without reading or running anything; no match means
+`550 sorry, no mailbox here by that name (#5.1.1)`.  A catch-all
+`.qmail-default` accepts everything, and any doubt (unreadable files) accepts.
+
+Log: one line per message outcome, per rejected recipient and per connection
+end on fd 2, client text made log-safe.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import pwd
+import select
+import signal
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from .cdb import CDB
+from .constants import BREAK
+from .control import Control, ControlError, domain_suffixes
+from .fmt import rfc822_date, safe
+from .home import HOME_HELP, resolve_home
+from .qq import QueueClient, QueueResult
+from .smtp_server import (
+    R_QQT,
+    AuthRequested,
+    AuthResponse,
+    Close,
+    DataChunk,
+    DataStart,
+    Event,
+    Helo,
+    MailFrom,
+    MessageAborted,
+    MessageComplete,
+    RcptTo,
+    Reply,
+    ServerConfig,
+    SMTPServer,
+    StartTLSRequested,
+)
+
+READ_SIZE = 65536
+DEFAULT_TIMEOUT = 1200
+
+R_CONTROLS = b"421 unable to read controls (#4.3.0)\r\n"
+R_NOMEM = b"421 out of memory (#4.3.0)\r\n"
+R_INTERNAL = b"421 internal error, closing connection (#4.3.0)\r\n"
+R_TIMEOUT = b"451 timeout (#4.4.2)\r\n"
+R_BADMAILFROM = Reply.of(553, "sorry, your envelope sender is in my badmailfrom list (#5.7.1)")
+R_NORELAY = Reply.of(553, "sorry, that domain isn't in my list of allowed rcpthosts (#5.7.1)")
+R_NO_MAILBOX = Reply.of(550, "sorry, no mailbox here by that name (#5.1.1)")
+R_TLS_UNAVAILABLE = Reply.of(454, "TLS not available (#4.3.0)")
+R_AUTH_UNAVAILABLE = Reply.of(503, "auth not available (#5.3.3)")
+
+_RECEIVED_SAFE = frozenset(
+    "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.@%+/=:-[]"
+)
+
+
+# -- settings --------------------------------------------------------------------------
+
+
+def _flag(value: str | None) -> bool | None:
+    if value is None:
+        return None
+    value = value.strip()
+    return bool(value) and value != "0"
+
+
+@dataclass
+class Settings:
+    """Everything qmail-smtpd reads at the start of a connection."""
+
+    greeting: str
+    localiphost: str | None
+    timeout: int
+    rcpthosts: frozenset[str] | None
+    morercpthosts: CDB | None
+    badmailfrom: frozenset[str]
+    databytes: int
+    maxrcpt: int
+    datalinemax: int
+    reject_unknown: bool
+
+    @classmethod
+    def load(cls, home: Path, env: Mapping[str, str]) -> Settings:
+        c = Control(home)
+        greeting = c.line("smtpgreeting") or c.me
+        if not greeting:
+            raise ControlError(c.path("me"), "neither smtpgreeting nor me is set")
+        timeout = c.integer("timeoutsmtpd", DEFAULT_TIMEOUT)
+        rcpthosts = c.list("rcpthosts")
+        more: CDB | None = None
+        if rcpthosts is not None:
+            try:
+                more = CDB.open(c.path("morercpthosts.cdb"))
+            except FileNotFoundError:
+                more = None
+            except (OSError, ValueError) as e:
+                raise ControlError(c.path("morercpthosts.cdb"), f"unable to read: {e}") from None
+        env_databytes = env.get("DATABYTES")
+        if env_databytes is not None and env_databytes.strip().isdigit():
+            databytes = int(env_databytes.strip())
+        else:
+            databytes = c.integer("databytes", 0)
+        reject = _flag(env.get("REJECTUNKNOWN"))
+        if reject is None:
+            reject = c.integer("rejectunknownrcpt", 0) != 0
+        return cls(
+            greeting=greeting,
+            localiphost=c.line_me("localiphost", "") or None,
+            timeout=max(timeout, 1),
+            rcpthosts=None if rcpthosts is None else frozenset(h.lower() for h in rcpthosts),
+            morercpthosts=more,
+            badmailfrom=frozenset(b.lower() for b in c.list("badmailfrom") or []),
+            databytes=databytes,
+            maxrcpt=c.integer("maxrcpt", 100) or 100,
+            datalinemax=c.integer("datalinemax", 1000),
+            reject_unknown=reject,
+        )
+
+    def server_config(self) -> ServerConfig:
+        return ServerConfig(
+            greeting=self.greeting,
+            databytes=self.databytes,
+            max_recipients=self.maxrcpt,
+            text_line_max=self.datalinemax,
+        )
+
+
+# -- policy ----------------------------------------------------------------------------
+
+
+def local_addresses() -> set[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    """This host's interface addresses (qmail's ipme), read from /proc on Linux."""
+    found: set[ipaddress.IPv4Address | ipaddress.IPv6Address] = set()
+    try:
+        with open("/proc/net/fib_trie") as f:
+            previous = ""
+            for line in f:
+                if "/32 host LOCAL" in line and previous.strip().startswith("|--"):
+                    found.add(ipaddress.IPv4Address(previous.strip()[3:].strip()))
+                previous = line
+    except (OSError, ValueError):
+        found.add(ipaddress.IPv4Address("127.0.0.1"))
+    try:
+        with open("/proc/net/if_inet6") as f:
+            for line in f:
+                hexaddr = line.split()[0]
+                found.add(ipaddress.IPv6Address(int(hexaddr, 16)))
+    except (OSError, ValueError, IndexError):
+        found.add(ipaddress.IPv6Address("::1"))
+    return found
+
+
+def _literal_address(domain: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    if not (domain.startswith("[") and domain.endswith("]")):
+        return None
+    inner = domain[1:-1]
+    try:
+        if inner[:5].lower() == "ipv6:":
+            return ipaddress.IPv6Address(inner[5:])
+        return ipaddress.IPv4Address(inner)
+    except ValueError:
+        return None
+
+
+def sanitize_received(text: str) -> str:
+    """qmail's Received sanitiser: only letters, digits and `.@%+/=:-[]` survive."""
+    return "".join(c if c in _RECEIVED_SAFE else "?" for c in text)
+
+
+def protocol_word(extended: bool, tls: bool, auth: bool, utf8: bool) -> str:
+    """RFC 3848/6531 `with` keyword; plain `SMTP` after HELO, as qmail writes."""
+    if not extended:
+        return "SMTP"
+    suffix = ("S" if tls else "") + ("A" if auth else "")
+    return ("UTF8SMTP" if utf8 else "ESMTP") + suffix
+
+
+def received_line(env: Mapping[str, str], helo: str | None, protocol: str, when: float) -> bytes:
+    """The Received line qmail-smtpd puts on top of each message (queue format, LF ends)."""
+    remotehost = env.get("TCPREMOTEHOST") or "unknown"
+    remoteip = env.get("TCPREMOTEIP") or "unknown"
+    info = env.get("TCPREMOTEINFO")
+    local = env.get("TCPLOCALHOST") or env.get("TCPLOCALIP") or "unknown"
+    helo_name = remotehost if helo is None else helo
+    parts = [f"Received: from {sanitize_received(remotehost)}"]
+    if helo_name.lower() != remotehost.lower():
+        parts.append(f" (HELO {sanitize_received(helo_name)})")
+    who = f"{sanitize_received(info)}@" if info else ""
+    parts.append(f" ({who}{sanitize_received(remoteip)})\n")
+    parts.append(f"  by {sanitize_received(local)} with {protocol}; {rfc822_date(when)}\n")
+    return "".join(parts).encode("ascii", "replace")
+
+
+class LocalRecipients:
+    """Whether a local address has somewhere to go, by qmail-send/lspawn/local's rules."""
+
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        c = Control(home)
+        me = c.me or ""
+        self.locals = frozenset(d.lower() for d in (c.list("locals") or ([me] if me else [])))
+        self.virtualdomains = c.mapping("virtualdomains")
+        self.envnoathost = c.line_me("envnoathost", "envnoathost").lower()
+        self._users: CDB | None = None
+        try:
+            self._users = CDB.open(home / "users" / "cdb")
+        except FileNotFoundError:
+            self._users = None
+        except (OSError, ValueError) as e:
+            raise ControlError(home / "users" / "cdb", f"unable to read: {e}") from None
+
+    def local_part(self, address: str) -> str | None:
+        """The local part qmail-lspawn would get, or None when delivery is remote."""
+        at = address.rfind("@")
+        if at < 0:
+            local, domain = address, self.envnoathost
+        else:
+            local, domain = address[:at], address[at + 1 :].lower()
+        if domain in self.locals:
+            return local
+        vd = self.virtualdomains
+        whole = f"{local}@{domain}".lower()
+        for key in [whole, domain, *domain_suffixes(domain), ""]:
+            if key in vd:
+                prefix = vd[key]
+                if not prefix:
+                    return None
+                return f"{prefix}-{local}"
+        return None
+
+    def exists(self, address: str) -> bool:
+        local = self.local_part(address)
+        if local is None or not local:
+            return True  # remote (relay policy decides) or trashed by lspawn
+        hit = self._assigned(local)
+        if hit is not None:
+            homedir, dash, ext = hit
+            return not dash or self._dot_qmail(Path(homedir), dash, ext)
+        if os.geteuid() == 0:
+            user = self._passwd_user(local)
+            if user is not None:
+                homedir, ext = user
+                return not ext or self._dot_qmail(Path(homedir), "-", ext)
+            try:
+                alias_home = Path(pwd.getpwnam("alias").pw_dir)
+            except KeyError:
+                alias_home = self.home / "alias"
+        else:
+            alias_home = self.home / "alias"
+        return self._dot_qmail(alias_home, "-", local)
+
+    def _assigned(self, local: str) -> tuple[str, str, str] | None:
+        db = self._users
+        if db is None:
+            return None
+        wild = db.get(b"")
+        if wild is None:
+            return None
+        key = b"!" + local.lower().encode("utf-8", "surrogateescape")
+        value = db.get(key + b"\0")
+        rest = ""
+        if value is None:
+            for i in range(len(key), 0, -1):
+                if i == 1 or key[i - 1] in wild:
+                    value = db.get(key[:i])
+                    if value is not None:
+                        rest = local[i - 1 :]
+                        break
+        if value is None:
+            return None
+        fields = value.decode("utf-8", "surrogateescape").split("\0")
+        if len(fields) < 6:
+            return None
+        return fields[3], fields[4], fields[5] + rest
+
+    @staticmethod
+    def _passwd_user(local: str) -> tuple[str, str] | None:
+        candidates = [local] + [
+            local[:i] for i in range(len(local) - 1, 0, -1) if local[i] == BREAK
+        ]
+        for cand in candidates:
+            if len(cand) >= 32:
+                continue
+            try:
+                pw = pwd.getpwnam(cand.lower())
+            except KeyError:
+                continue
+            if pw.pw_uid == 0:
+                continue
+            try:
+                if os.stat(pw.pw_dir).st_uid != pw.pw_uid:
+                    continue
+            except OSError:
+                continue
+            return pw.pw_dir, local[len(cand) + 1 :] if cand != local else ""
+        return None
+
+    @staticmethod
+    def _dot_qmail(homedir: Path, dash: str, ext: str) -> bool:
+        safeext = ext.lower().replace(".", ":")
+        names = [f".qmail{dash}{safeext}"]
+        for i in range(len(safeext), -1, -1):
+            if i == 0 or safeext[i - 1] == BREAK:
+                names.append(f".qmail{dash}{safeext[:i]}default")
+        for name in names:
+            try:
+                if (homedir / name).is_file():
+                    return True
+            except OSError:
+                return True  # cannot tell: let delivery decide
+        return False
+
+
+class Policy:
+    """qmail-smtpd's decisions about senders and recipients for one connection."""
+
+    def __init__(self, home: Path, settings: Settings, env: Mapping[str, str]) -> None:
+        self.home = home
+        self.settings = settings
+        self.relayclient = env.get("RELAYCLIENT")
+        self.bad_sender = False
+        self._ipme: set[ipaddress.IPv4Address | ipaddress.IPv6Address] | None = None
+        self._local_ip = env.get("TCPLOCALIP")
+        self._recipients: LocalRecipients | None = None
+
+    def rewrite_literal(self, address: str) -> str:
+        """`u@[our IP]` becomes `u@localiphost`, as in qmail (IPv6 literals too)."""
+        at = address.rfind("@")
+        if at < 0 or self.settings.localiphost is None:
+            return address
+        ip = _literal_address(address[at + 1 :])
+        if ip is None:
+            return address
+        if self._ipme is None:
+            self._ipme = local_addresses()
+            if self._local_ip:
+                try:
+                    self._ipme.add(ipaddress.ip_address(self._local_ip))
+                except ValueError:
+                    pass
+        if ip in self._ipme:
+            return address[: at + 1] + self.settings.localiphost
+        return address
+
+    def mail(self, sender: str) -> str:
+        sender = self.rewrite_literal(sender)
+        bmf = self.settings.badmailfrom
+        low = sender.lower()
+        at = low.rfind("@")
+        self.bad_sender = bool(low) and (low in bmf or (at >= 0 and low[at:] in bmf))
+        return sender
+
+    def rcpt_allowed(self, address: str) -> bool:
+        at = address.rfind("@")
+        if at < 0:
+            return True
+        rcpthosts = self.settings.rcpthosts
+        if rcpthosts is None:
+            return False
+        domain = address[at + 1 :].lower()
+        keys = [domain, *domain_suffixes(domain)]
+        if any(k in rcpthosts for k in keys):
+            return True
+        more = self.settings.morercpthosts
+        if more is not None:
+            return any(more.get(k.encode("utf-8", "surrogateescape")) is not None for k in keys)
+        return False
+
+    def rcpt(self, address: str) -> tuple[Reply | None, str]:
+        """(rejection or None, recipient to store)."""
+        address = self.rewrite_literal(address)
+        if self.bad_sender:
+            return R_BADMAILFROM, address
+        if self.relayclient is not None:
+            return None, address + self.relayclient
+        if not self.rcpt_allowed(address):
+            return R_NORELAY, address
+        if self.settings.reject_unknown:
+            if self._recipients is None:
+                self._recipients = LocalRecipients(self.home)
+            if not self._recipients.exists(address):
+                return R_NO_MAILBOX, address
+        return None, address
+
+
+# -- I/O -------------------------------------------------------------------------------
+
+
+class _Gone(Exception):
+    """The client cannot be written to any more (write timeout or error)."""
+
+
+class Session:
+    def __init__(
+        self, home: Path, settings: Settings, env: Mapping[str, str], rfd: int, wfd: int
+    ) -> None:
+        self.home = home
+        self.settings = settings
+        self.env = env
+        self.rfd = rfd
+        self.wfd = wfd
+        self.policy = Policy(home, settings, env)
+        self.server = SMTPServer(settings.server_config())
+        self.qq: QueueClient | None = None
+        self.messages = 0
+        self.remote = env.get("TCPREMOTEIP") or "unknown"
+
+    def log(self, text: str) -> None:
+        line = f"qmail-smtpd: pid {os.getpid()} {safe(self.remote)}: {text}\n"
+        try:
+            os.write(2, line.encode("utf-8", "replace"))
+        except OSError:
+            pass
+
+    def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        poller = select.poll()
+        poller.register(self.wfd, select.POLLOUT)
+        while view:
+            if not poller.poll(self.settings.timeout * 1000):
+                raise _Gone("write timeout")
+            try:
+                view = view[os.write(self.wfd, view) :]
+            except InterruptedError:
+                continue
+            except OSError as e:
+                raise _Gone(f"write error: {e.strerror}") from None
+
+    def flush(self) -> None:
+        out = self.server.outgoing()
+        if out:
+            self.write(out)
+
+    def read(self) -> bytes | None:
+        """Input bytes, b"" at end of input, None on timeout."""
+        poller = select.poll()
+        poller.register(self.rfd, select.POLLIN)
+        while True:
+            try:
+                if not poller.poll(self.settings.timeout * 1000):
+                    return None
+                return os.read(self.rfd, READ_SIZE)
+            except InterruptedError:
+                continue
+            except OSError:
+                return b""
+
+    def run(self) -> int:
+        srv = self.server
+        srv.start()
+        try:
+            while True:
+                ev = srv.next_event()
+                if ev is None:
+                    self.flush()
+                    data = self.read()
+                    if data is None:
+                        self.drop_message()
+                        self.log(f"end: timeout after {self.messages} messages")
+                        self.write(R_TIMEOUT)
+                        return 1
+                    if data:
+                        srv.feed(data)
+                    else:
+                        srv.eof()
+                    continue
+                if isinstance(ev, Close):
+                    self.drop_message()
+                    self.flush()
+                    self.log(f"end: {ev.reason}, {self.messages} messages")
+                    return 0 if ev.clean else 1
+                self.handle(ev)
+        except _Gone as e:
+            self.drop_message()
+            self.log(f"end: {e}")
+            return 1
+
+    def handle(self, ev: Event) -> None:
+        srv = self.server
+        if isinstance(ev, DataChunk):
+            if self.qq is not None:
+                self.qq.write(ev.data)
+        elif isinstance(ev, Helo):
+            pass
+        elif isinstance(ev, MailFrom):
+            srv.accept(self.policy.mail(ev.address))
+        elif isinstance(ev, RcptTo):
+            refusal, rcpt = self.policy.rcpt(ev.address)
+            if refusal is None:
+                srv.accept(rcpt)
+            else:
+                self.log(f"rcpt <{safe(rcpt)}> refused: {refusal.code} {refusal.text}")
+                srv.respond(refusal)
+        elif isinstance(ev, DataStart):
+            self.start_message(ev)
+        elif isinstance(ev, MessageAborted):
+            self.drop_message()
+            self.log(f"message refused: {ev.reply.code} {ev.reply.text}")
+        elif isinstance(ev, MessageComplete):
+            srv.respond(self.finish_message(ev))
+        elif isinstance(ev, StartTLSRequested):
+            srv.respond(R_TLS_UNAVAILABLE)
+        elif isinstance(ev, (AuthRequested, AuthResponse)):
+            srv.respond(R_AUTH_UNAVAILABLE)
+
+    def start_message(self, ev: DataStart) -> None:
+        srv = self.server
+        queue_program = self.env.get("QMAILQUEUE")
+        if queue_program:
+            os.environ["QMAILQUEUE"] = queue_program
+        else:
+            os.environ.pop("QMAILQUEUE", None)
+        try:
+            self.qq = QueueClient(self.home, invoked="from network")
+        except OSError as e:
+            self.log(f"message refused: unable to start qmail-queue: {e.strerror}")
+            srv.respond(R_QQT)
+            return
+        protocol = protocol_word(
+            srv.extended, srv.tls_active, srv.authenticated is not None, srv.smtputf8
+        )
+        self.qq.write(received_line(self.env, srv.helo, protocol, time.time()))
+        srv.accept()
+
+    def finish_message(self, ev: MessageComplete) -> Reply:
+        qq = self.qq
+        self.qq = None
+        if qq is None:
+            return R_QQT
+        result: QueueResult = qq.finish(ev.sender, list(ev.recipients))
+        if result.ok:
+            self.messages += 1
+            self.log(
+                f"message accepted qp {result.qp} bytes {ev.size} from <{safe(ev.sender)}>"
+                f" rcpts {len(ev.recipients)}"
+            )
+            return Reply.of(250, f"ok {int(time.time())} qp {result.qp}", "2.6.0")
+        code = 554 if result.permanent else 451
+        self.log(f"message refused: {code} {result.message} (qmail-queue exit {result.code})")
+        return Reply.of(code, result.message)
+
+    def drop_message(self) -> None:
+        qq = self.qq
+        self.qq = None
+        if qq is not None:
+            qq.abort()
+
+
+def _say(fd: int, data: bytes) -> None:
+    try:
+        os.write(fd, data)
+    except OSError:
+        pass
+
+
+def serve(home: Path, rfd: int, wfd: int, env: Mapping[str, str]) -> int:
+    """One SMTP session on rfd/wfd; returns the exit code (0 after QUIT, else 1)."""
+    try:
+        settings = Settings.load(home, env)
+    except ControlError as e:
+        _say(2, f"qmail-smtpd: unable to read controls: {e}\n".encode("utf-8", "replace"))
+        _say(wfd, R_CONTROLS)
+        return 1
+    session = Session(home, settings, env, rfd, wfd)
+    try:
+        return session.run()
+    except MemoryError:
+        session.drop_message()
+        _say(wfd, R_NOMEM)
+        return 1
+    except ControlError as e:
+        session.drop_message()
+        session.log(f"unable to read controls: {e}")
+        _say(wfd, R_CONTROLS)
+        return 1
+    except Exception as e:  # a bug must not leave a half-open session or a traceback
+        session.drop_message()
+        session.log(f"internal error: {type(e).__name__}: {e}")
+        _say(wfd, R_INTERNAL)
+        return 1
+
+
+def handle_connection(home: Path, sock_fd: int, env: dict[str, str]) -> int:
+    """Serve one connection in a child forked by a warm tcpserver; the socket is closed after."""
+    # the parent's handlers would reap qmail-queue behind our back or survive a TERM
+    for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    os.environ.update(env)
+    try:
+        return serve(home, sock_fd, sock_fd, env)
+    finally:
+        try:
+            os.close(sock_fd)
+        except OSError:
+            pass
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="qmail-smtpd",
+        description="Receive one SMTP session on fd 0/1 (run it under tcpserver).",
+    )
+    parser.add_argument("--home", help=HOME_HELP)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:
+        # usage errors are permanent failures in qmail's convention, not argparse's 2
+        sys.exit(0 if e.code == 0 else 100)
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    home = resolve_home(args.home)
+    sys.exit(serve(home, 0, 1, os.environ))
