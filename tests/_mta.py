@@ -60,7 +60,9 @@ class MTA:
 
     def __init__(self, home: Path, env: dict[str, str] | None = None) -> None:
         self.home = home
-        self.env = dict(os.environ, **(env or {}))
+        # .qmail program lines find pyqmail's helpers (preline, forward, ...) on PATH
+        path = f"{BIN}:{os.environ.get('PATH', '/usr/bin:/bin')}"
+        self.env = dict(os.environ, PATH=path, **(env or {}))
         self.proc: subprocess.Popen[bytes] | None = None
         self.smtp_port = 0
 

@@ -235,6 +235,7 @@ class QmailSend:
         self.trigger_fd = -1
         self.trigger_keep = -1
         self.wake_r = -1
+        self.ctl_stamp: tuple[float, ...] = ()
 
     # -- logging --------------------------------------------------------------------
 
@@ -804,6 +805,7 @@ class QmailSend:
             self.log(f"alert: unable to reread controls: {safe(str(e))}")
             return
         self.ctl = ctl
+        self.ctl_stamp = self.control_stamp()
         for ch in self.channels:
             conc = ctl.concurrencylocal if ch.index == LOCAL else ctl.concurrencyremote
             if conc > len(ch.slots):
@@ -811,6 +813,27 @@ class QmailSend:
             ch.concurrency = conc
         # shrinking takes effect as busy slots above the new limit become free
         self.log_status()
+
+    def control_stamp(self) -> tuple[float, ...]:
+        stamps = []
+        for name in ("locals", "virtualdomains", "percenthack"):
+            try:
+                stamps.append(os.stat(f"{self.home}/control/{name}").st_mtime)
+            except OSError:
+                stamps.append(0.0)
+        return tuple(stamps)
+
+    def controls_changed(self) -> bool:
+        """True once after locals/virtualdomains/percenthack change on disk.
+
+        qmail needs a HUP after these change; pyqmail also notices by itself
+        before preprocessing, so `pyqmail user add` works on a running MTA.
+        """
+        stamp = self.control_stamp()
+        if stamp == self.ctl_stamp:
+            return False
+        self.ctl_stamp = stamp
+        return True
 
     def save_schedule(self) -> None:
         for ch in self.channels:
@@ -841,6 +864,7 @@ class QmailSend:
         os.set_blocking(wake_w, False)
         signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
         os.umask(0o077)
+        self.ctl_stamp = self.control_stamp()
         self.handshake()
         self.recover()
         self.open_trigger()
@@ -849,7 +873,7 @@ class QmailSend:
         self.cleanup_at = now
         self.log_status()
         while True:
-            if self.hup:
+            if self.hup or (self.todo and self.controls_changed()):
                 self.hup = False
                 self.reread()
             if self.alarm:
