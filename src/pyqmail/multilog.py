@@ -25,7 +25,9 @@ memory); no selection patterns, processors or status files.
 
 `run(fd, dir)` is the logger process body: it reads lines from a pipe until
 EOF, then marks `current` complete.  SIGALRM forces a rotation; SIGTERM
-writes whatever is already in the pipe and exits.
+writes whatever is already in the pipe and exits.  SIGINT and SIGHUP are
+ignored: a Ctrl-C reaches the whole process group, and the logger must
+outlive its writers to record their last words; it stops at EOF.
 """
 
 from __future__ import annotations
@@ -300,6 +302,8 @@ def run(
     old_wakeup = signal.set_wakeup_fd(wake_w)
     old_term = signal.signal(signal.SIGTERM, flags.on_term)
     old_alarm = signal.signal(signal.SIGALRM, flags.on_alarm)
+    old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    old_hup = signal.signal(signal.SIGHUP, signal.SIG_IGN)
     pending = bytearray()
     try:
         while True:
@@ -327,6 +331,8 @@ def run(
     finally:
         signal.signal(signal.SIGTERM, old_term)
         signal.signal(signal.SIGALRM, old_alarm)
+        signal.signal(signal.SIGINT, old_int)
+        signal.signal(signal.SIGHUP, old_hup)
         signal.set_wakeup_fd(old_wakeup)
         os.close(wake_r)
         os.close(wake_w)

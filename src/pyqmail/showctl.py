@@ -39,32 +39,37 @@ GROUPS = ("nofiles", "qmail")
 
 @dataclass(frozen=True)
 class ControlDoc:
-    """How one of pyqmail's own control files is shown.
+    """How one of pyqmail's own control files is shown (only when present, after qmail's).
 
-    kind "line": `<pre><first line><post>.`; kind "list": one `<pre><entry><post>`
-    line per entry.  They are shown only when present, after qmail's files.
+    kind "line": `<pre><first line><post>.`; "int": the same for a number, checked
+    as the reading program checks it; "list": one `<pre><entry><post>` line per
+    entry; "file": just `<pre><post>` (a binary file such as a cdb).
     """
 
     name: str
     kind: str
     pre: str
-    post: str
+    post: str = ""
 
 
 PYQMAIL_CONTROLS: tuple[ControlDoc, ...] = (
     # qmail-lspawn / qmail-local
-    ControlDoc(
-        "defaultdelivery", "line", "Delivery instructions for users without a .qmail file: ", "."
-    ),
+    ControlDoc("defaultdelivery", "line", "Delivery for users without a .qmail file: ", "."),
     # pyqmail run
-    ControlDoc("smtplisten", "line", "SMTP listener address is ", "."),
-    ControlDoc("submissionlisten", "line", "Submission listener address is ", "."),
-    ControlDoc("pop3listen", "line", "POP3 listener address is ", "."),
+    ControlDoc("smtplisten", "list", "SMTP listener: ", "."),
+    ControlDoc("submissionlisten", "list", "Submission listener: ", "."),
+    ControlDoc("pop3listen", "list", "POP3 listener: ", "."),
+    ControlDoc("concurrencyincoming", "int", "Incoming SMTP concurrency is "),
+    ControlDoc("tcp.smtp.cdb", "file", "Compiled tcprules for the SMTP listener."),
     # qmail-remote and every DNS user
     ControlDoc("nameservers", "list", "DNS server queried: ", "."),
-    ControlDoc("tlspolicy", "list", "TLS policy: ", ""),
+    ControlDoc("tlspolicy", "list", "TLS policy: "),
     # qmail-smtpd
-    ControlDoc("rejectunknownrcpt", "line", "Reject unknown local recipients at RCPT time: ", "."),
+    ControlDoc("maxrcpt", "int", "SMTP recipients per message limit is "),
+    ControlDoc("datalinemax", "int", "SMTP DATA line length limit is ", " bytes"),
+    ControlDoc(
+        "rejectunknownrcpt", "int", "Unknown local recipients rejected at RCPT time (0 = no): "
+    ),
 )
 
 # every file qmail-showctl itself describes, in its fixed order
@@ -234,9 +239,13 @@ class _Show:
                 self.out.append("\n")
                 for _, entry in entries:
                     self.out.append(f"{doc.pre}{safeput(entry)}{doc.post}\n")
-            else:
+            elif doc.kind == "int":
+                self.out.append(f"{doc.pre}{self.c.integer(doc.name, 0)}{doc.post}.\n")
+            elif doc.kind == "line":
                 value = self.c.line(doc.name) or ""
                 self.out.append(f"{doc.pre}{safeput(value)}{doc.post}\n")
+            else:
+                self.out.append(f"{doc.pre}{doc.post}\n")
         except ControlError as e:
             self.out.append(_oops(e))
 

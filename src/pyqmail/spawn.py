@@ -155,13 +155,9 @@ class Spawner:
     def child(self, msg_fd: int, wfd: int, sender: str, recipient: str) -> None:
         code = 111
         try:
-            for sig in (
-                signal.SIGTERM,
-                signal.SIGINT,
-                signal.SIGHUP,
-                signal.SIGCHLD,
-                signal.SIGALRM,
-            ):
+            # SIGINT stays ignored: a Ctrl-C at `pyqmail run`'s terminal reaches the
+            # whole process group, and must not kill deliveries half way
+            for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD, signal.SIGALRM):
                 signal.signal(sig, signal.SIG_DFL)
             os.dup2(msg_fd, 0)
             os.dup2(wfd, 1)
