@@ -10,7 +10,6 @@ clear stop.
 
 from __future__ import annotations
 
-import errno
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,8 +36,7 @@ def _read_text(path: Path) -> str | None:
     except IsADirectoryError:
         raise ControlError(path, "is a directory, not a file") from None
     except OSError as e:
-        if e.errno == errno.ENOTDIR:
-            return None
+        # only ENOENT means "absent" (qmail's rule); a non-directory control/ is broken
         raise ControlError(path, f"unable to read: {e.strerror}") from None
     if b"\0" in data:
         lineno = data[: data.index(b"\0")].count(b"\n") + 1
