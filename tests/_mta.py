@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mailbox
 import os
 import signal
 import socket
@@ -142,3 +143,27 @@ def sendmail(
         capture_output=True,
         timeout=60,
     )
+
+
+def add_user(home: Path, address: str) -> Path:
+    out = subprocess.run(
+        [bin_path("pyqmail"), "user", "add", "--home", str(home), address],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    path = Path(out.stdout.strip())
+    assert (path / "Maildir" / "new").is_dir()
+    return path
+
+
+def msg(subject: str, body: str = "hello\n", extra: str = "") -> bytes:
+    return f"From: joe@example.test\nTo: someone\nSubject: {subject}\n{extra}\n{body}".encode()
+
+
+def only_message(maildir: Path) -> mailbox.MaildirMessage:
+    box = mailbox.Maildir(maildir, create=False)
+    keys = box.keys()
+    assert len(keys) == 1, f"expected one message in {maildir}, found {len(keys)}"
+    return box[keys[0]]
