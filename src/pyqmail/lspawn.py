@@ -1,0 +1,149 @@
+"""qmail-lspawn: the local delivery spawner qmail-send talks to.
+
+For each command it forks (in pyqmail.spawn) and, in the child, finds who owns
+the address (users/cdb, then the password database when running as root, then
+the alias user), becomes that user when running as root, and runs qmail-local
+in the same process.  The child's exit code and output become the report.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from .control import Control, ControlError
+from .home import resolve_home
+from .local import qmail_local
+from .spawn import DeliverFn, serve
+from .users import (
+    QLX_CDB,
+    QLX_NFS,
+    QLX_NOALIAS,
+    QLX_NOMEM,
+    QLX_ROOT,
+    QLX_SYS,
+    QLX_USAGE,
+    LookupFailure,
+    resolve_local,
+)
+
+TRUNCREPORT = 3000
+_TOO_LONG = b"\nError report too long, sorry.\n"
+
+# exit codes whose report is a fixed text instead of qmail-local's output
+_FIXED: dict[int, bytes] = {
+    QLX_USAGE: b"ZInternal qmail-lspawn bug.\n",
+    QLX_ROOT: b"ZNot allowed to perform deliveries as root.\n",
+    QLX_NFS: b"ZNFS failure in qmail-local.\n",
+    QLX_NOALIAS: b"ZUnable to find alias user!\n",
+    QLX_CDB: b"ZTrouble reading users/cdb in qmail-lspawn.\n",
+    QLX_SYS: b"ZTemporary failure in qmail-lspawn.\n",
+    QLX_NOMEM: b"ZOut of memory in qmail-lspawn.\n",
+    120: b"ZUnable to run qmail-local.\n",
+    121: b"ZUnable to run qmail-getpw.\n",
+    126: b"DUnable to run qmail-local.\n",
+}
+_TEMPORARY = frozenset({111, 71, 74, 75})
+
+USAGE = (
+    "usage: qmail-lspawn [--home DIR] [defaultdelivery]\n"
+    "  reads qmail-send's delivery commands on fd 0, writes results on fd 1.\n"
+    "  defaultdelivery: first line of HOME/control/defaultdelivery, else ./Maildir/\n"
+    "  home: --home, else $QMAILHOME, else /var/qmail as root, else ~/.pyqmail\n"
+)
+
+
+def lspawn_report(status: int, output: bytes) -> bytes:
+    """qmail-lspawn's report (letter + text) for a finished delivery child."""
+    if os.WIFSIGNALED(status) or not os.WIFEXITED(status):
+        return b"Zqmail-local crashed.\n"
+    code = os.WEXITSTATUS(status)
+    if code in _FIXED:
+        return _FIXED[code]
+    text = output.split(b"\0", 1)[0]
+    if len(text) > TRUNCREPORT:
+        text = text[: TRUNCREPORT - len(_TOO_LONG) - 3] + _TOO_LONG
+    if code == 0:
+        return b"K" + text
+    if code in _TEMPORARY:
+        return b"Z" + text
+    return b"D" + text
+
+
+def lspawn_deliver(home: Path, defaultdelivery: str) -> DeliverFn:
+    """The function pyqmail.spawn.serve runs in each forked delivery child."""
+    home = Path(home).absolute()
+
+    def deliver(msg_fd: int, sender: str, recipient: str) -> int:
+        at = recipient.rfind("@")
+        local, domain = recipient[:at], recipient[at + 1 :]
+        if not local:
+            return 0  # `@host` is the trash address
+        as_root = os.geteuid() == 0
+        try:
+            owner = resolve_local(home, local, as_root)
+        except LookupFailure as e:
+            return e.code
+        except MemoryError:
+            return QLX_NOMEM
+        except OSError:
+            return QLX_SYS
+        if as_root:
+            if owner.uid == 0:
+                return QLX_ROOT
+            try:
+                os.setgroups([owner.gid])
+                os.setgid(owner.gid)
+                os.setuid(owner.uid)
+            except OSError:
+                return QLX_SYS
+        return qmail_local(
+            home,
+            owner.user,
+            owner.homedir,
+            local,
+            owner.dash,
+            owner.ext,
+            domain,
+            sender,
+            defaultdelivery,
+            msg_fd=msg_fd,
+        )
+
+    return deliver
+
+
+def default_delivery(home: Path) -> str:
+    """The rc-script convention: first line of control/defaultdelivery, else ./Maildir/."""
+    value = Control(home).line("defaultdelivery")
+    return value if value else "./Maildir/"
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    home_arg: str | None = None
+    if len(args) >= 2 and args[0] == "--home":
+        home_arg, args = args[1], args[2:]
+    elif args and args[0].startswith("--home="):
+        home_arg, args = args[0].split("=", 1)[1], args[1:]
+    if args and args[0] in ("-h", "--help"):
+        sys.stderr.write(USAGE)
+        sys.exit(100)
+    if len(args) > 1:
+        sys.stderr.write(USAGE)
+        sys.exit(100)
+    home = resolve_home(home_arg)
+    try:
+        dd = args[0] if args else default_delivery(home)
+    except ControlError as e:
+        sys.stderr.write(f"qmail-lspawn: fatal: {e}\n")
+        sys.exit(111)
+    # programs run from .qmail files (forward, condredirect) queue into this home
+    os.environ["QMAILHOME"] = str(home)
+    try:
+        code = serve(lspawn_deliver(home, dd), lspawn_report, home / "queue")
+    except OSError as e:
+        sys.stderr.write(f"qmail-lspawn: fatal: unable to start in {home}/queue: {e.strerror}\n")
+        sys.exit(111)
+    sys.exit(code)
