@@ -1,0 +1,108 @@
+"""qmail-rspawn: qmail-send's remote delivery channel.
+
+It speaks the spawner protocol (pyqmail.spawn) with qmail-send and runs
+qmail-remote's logic (pyqmail.remote.deliver) in a child forked from this
+warm process for every delivery: no interpreter is started per message.  The
+child's r/h/s + K/Z/D reports are folded into the one-letter result
+qmail-send expects by `rspawn_report`, following qmail-rspawn's rules.
+
+`rspawn_deliver(home)` does qmail-rspawn's start-up work before it returns
+the delivery function: it forgets remembered connection timeouts
+(queue/lock/tcpto), prepares the TLS client context, and, when running as
+root, becomes the `qmailr` user (group `qmail`) if that account exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import grp
+import os
+import pwd
+import sys
+from pathlib import Path
+
+from . import remote, spawn, tcpto
+from .home import HOME_HELP, resolve_home
+from .smtp_client import format_reports
+
+_VALUE = {ord("K"): 1, ord("Z"): 0, ord("D"): -1}
+_LETTER = {1: b"K", 0: b"Z", -1: b"D"}
+
+
+def rspawn_report(status: int, output: bytes) -> bytes:
+    """The result for qmail-send from qmail-remote's wait status and output (one recipient)."""
+    if os.WIFSIGNALED(status):
+        return b"Zqmail-remote crashed.\n"
+    code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else 111
+    if code == 111:
+        return b"ZUnable to run qmail-remote.\n"
+    if code != 0:
+        return b"DUnable to run qmail-remote.\n"
+    if not output:
+        return b"Zqmail-remote produced no output.\n"
+    reports = output.split(b"\0")
+    if reports[-1] == b"":
+        reports.pop()
+    reports = [r for r in reports if r]
+    if not reports:
+        return b"Zqmail-remote produced no output.\n"
+    result = next((_VALUE[r[0]] for r in reports if r[0] in _VALUE), -1)
+    first = reports[0]
+    verdict = {ord("s"): 0, ord("h"): -1}.get(first[0], result)
+    text = _LETTER[verdict] + first[1:]
+    if result <= verdict and len(reports) > 1 and reports[1][0] in _VALUE:
+        text += reports[1][1:]
+    return text
+
+
+def drop_privileges() -> None:
+    """As root, become qmailr (group qmail), as qmail-start does for qmail-rspawn."""
+    if os.geteuid() != 0:
+        return
+    try:
+        pw = pwd.getpwnam("qmailr")
+    except KeyError:
+        sys.stderr.write(
+            "qmail-rspawn: warning: no qmailr account; remote deliveries run as root\n"
+        )
+        return
+    try:
+        gid = grp.getgrnam("qmail").gr_gid
+    except KeyError:
+        gid = pw.pw_gid
+    os.setgroups([gid])
+    os.setgid(gid)
+    os.setuid(pw.pw_uid)
+
+
+def rspawn_deliver(home: Path | str) -> spawn.DeliverFn:
+    home = Path(home)
+    try:
+        tcpto.zero(home / "queue")
+    except OSError:
+        pass  # without tcpto memory every host is simply tried
+    drop_privileges()
+    remote.warm()
+
+    def deliver(msg_fd: int, sender: str, recipient: str) -> int:
+        host = recipient[recipient.rfind("@") + 1 :]
+        try:
+            reports = remote.deliver(home, host, sender, [recipient], msg_fd)
+        except Exception as e:  # noqa: BLE001 - a report, never a traceback
+            reports = [("Z", f"qmail-remote failed unexpectedly: {e}. (#4.3.0)\n")]
+        view = memoryview(format_reports(reports))
+        while view:
+            view = view[os.write(1, view) :]
+        return 0
+
+    return deliver
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="qmail-rspawn",
+        description="Remote delivery channel of qmail-send: commands on fd 0, results on fd 1.",
+    )
+    parser.add_argument("--home", help=HOME_HELP)
+    home = resolve_home(parser.parse_args(argv).home)
+    return spawn.serve(rspawn_deliver(home), rspawn_report, home / "queue")
