@@ -873,7 +873,7 @@ class QmailSend:
         self.cleanup_at = now
         self.log_status()
         while True:
-            if self.hup or (self.todo and self.controls_changed()):
+            if self.hup:
                 self.hup = False
                 self.reread()
             if self.alarm:
@@ -899,6 +899,8 @@ class QmailSend:
             if now >= self.todo_scan_at:
                 self.scan_todo()
                 self.todo_scan_at = now + SLEEP_TODO
+            if self.todo and self.controls_changed():
+                self.reread()
             # preprocessing is cheap next to deliveries; a small batch keeps the loop lean
             for _ in range(min(len(self.todo), 8)):
                 self.preprocess(self.todo.pop(0))
