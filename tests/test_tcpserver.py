@@ -304,3 +304,13 @@ def test_sigterm_grace_is_bounded(tmp_path: Path) -> None:
         # the stuck child was told to stop: its connection is closed
         assert stuck.readline(timeout=5) == b""
         stuck.close()
+
+
+def test_sighup_does_not_stop_the_server(tmp_path: Path) -> None:
+    with library_server(tmp_path) as srv:
+        srv.proc.send_signal(signal.SIGHUP)
+        time.sleep(0.2)
+        assert srv.proc.poll() is None
+        c = Client("127.0.0.1", srv.port)
+        assert c.greeting()["env"]["PROTO"] == "TCP"
+        c.close()

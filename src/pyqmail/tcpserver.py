@@ -312,6 +312,9 @@ class TCPServer:
             sig: signal.signal(sig, handler)
             for sig, handler in (
                 (signal.SIGCHLD, lambda signum, frame: None),
+                # a supervisor's "reread controls" must not kill the listener; the rules cdb
+                # is re-read on change anyway
+                (signal.SIGHUP, lambda signum, frame: None),
                 (signal.SIGTERM, self._on_stop_signal),
                 (signal.SIGINT, self._on_stop_signal),
             )
@@ -462,7 +465,7 @@ class TCPServer:
         code = EXIT_TEMP
         try:
             signal.set_wakeup_fd(-1)
-            for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
+            for sig in (signal.SIGCHLD, signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, signal.SIG_DFL)
             if self._sel is not None:
                 self._sel.close()
