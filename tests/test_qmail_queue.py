@@ -1,0 +1,135 @@
+"""qmail-queue's protocol, exit codes and on-disk result, through the real program."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from _mta import bin_path, queue_files
+from pyqmail.qq import QueueClient, qq_text, queue_message
+
+
+def run_qq(home: Path, message: bytes, envelope: bytes, env: dict[str, str] | None = None) -> int:
+    """Run the qmail-queue program with the message on fd 0 and the envelope on fd 1."""
+    msg_r, msg_w = os.pipe()
+    env_r, env_w = os.pipe()
+    proc = subprocess.Popen(
+        [bin_path("qmail-queue")],
+        stdin=msg_r,
+        stdout=env_r,
+        env=dict(os.environ, QMAILHOME=str(home), **(env or {})),
+    )
+    os.close(msg_r)
+    os.close(env_r)
+    try:
+        os.write(msg_w, message)
+    finally:
+        os.close(msg_w)
+    try:
+        os.write(env_w, envelope)
+    except BrokenPipeError:
+        pass
+    finally:
+        os.close(env_w)
+    return proc.wait(30)
+
+
+def todo_entries(home: Path) -> list[bytes]:
+    todo = home / "queue" / "todo"
+    return [(todo / n).read_bytes() for n in os.listdir(todo)]
+
+
+def test_queues_message_with_received_line(qmail_home: Path) -> None:
+    code = run_qq(qmail_home, b"Subject: x\n\nbody\n", b"Fjoe@a.test\0Tbob@example.test\0\0")
+    assert code == 0
+    (entry,) = todo_entries(qmail_home)
+    uid = os.getuid()
+    assert entry.startswith(b"u%d\0p" % uid)
+    assert entry.endswith(b"\0Fjoe@a.test\0Tbob@example.test\0")
+    (n,) = os.listdir(qmail_home / "queue" / "todo")
+    mess = qmail_home / "queue" / "mess" / str(int(n) % 23) / n
+    assert mess.stat().st_ino == int(n)  # the message number is the inode
+    text = mess.read_bytes()
+    assert text.startswith(b"Received: (qmail ")
+    assert f"invoked by uid {uid}); ".encode() in text.split(b"\n", 1)[0]
+    assert text.endswith(b"\nSubject: x\n\nbody\n")
+    assert os.path.exists(qmail_home / "queue" / "intd" / n)  # left for qmail-clean
+
+
+def test_zero_recipients_and_null_sender_are_accepted(qmail_home: Path) -> None:
+    assert run_qq(qmail_home, b"x\n", b"F\0\0") == 0
+    (entry,) = todo_entries(qmail_home)
+    assert entry.endswith(b"\0F\0")
+
+
+@pytest.mark.parametrize(
+    ("envelope", "code"),
+    [
+        (b"Xjoe@a.test\0Tbob@b.test\0\0", 91),  # must start with F
+        (b"Fjoe@a.test\0Zbob@b.test\0\0", 91),  # unknown record letter
+        (b"Fjoe@a.test\0Tbob@b.test\0", 54),  # no terminating NUL: truncated envelope
+        (b"", 54),
+        (b"F" + b"a" * 1003 + b"\0\0", 11),  # address too long
+    ],
+)
+def test_bad_envelopes_are_refused_and_nothing_is_queued(
+    qmail_home: Path, envelope: bytes, code: int
+) -> None:
+    assert run_qq(qmail_home, b"Subject: x\n\nbody\n", envelope) == code
+    assert todo_entries(qmail_home) == []
+
+
+def test_read_errors_remove_the_half_message(qmail_home: Path) -> None:
+    assert run_qq(qmail_home, b"partial", b"Fjoe@a.test\0Tb") == 54
+    assert queue_files(qmail_home) == []
+
+
+def test_missing_home_is_exit_61(tmp_path: Path) -> None:
+    assert run_qq(tmp_path / "nowhere", b"x", b"F\0\0") == 61
+
+
+def test_missing_queue_is_exit_62(tmp_path: Path) -> None:
+    (tmp_path / "home").mkdir()
+    assert run_qq(tmp_path / "home", b"x", b"F\0\0") == 62
+
+
+def test_qq_client_texts_and_qmailqueue(
+    qmail_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert qq_text(0) == ""
+    assert qq_text(11) == "Denvelope address too long for qq (#5.1.3)"
+    assert qq_text(31).startswith("D") and qq_text(71).startswith("Z")
+    assert qq_text(35) == "Dqq permanent problem (#5.3.0)"
+    assert qq_text(77) == "Zqq temporary problem (#4.3.0)"
+    seen = tmp_path / "seen"
+    filt = tmp_path / "filter.sh"
+    filt.write_text(f"#!/bin/sh\ncat > {seen}.msg\ncat <&1 > {seen}.env\nexit 31\n")
+    filt.chmod(0o755)
+    monkeypatch.setenv("QMAILQUEUE", str(filt))
+    result = queue_message(qmail_home, b"Subject: f\n\n", "a@b.test", ["c@d.test"])
+    assert result.code == 31 and result.permanent
+    assert result.message == "mail server permanently rejected message (#5.3.0)"
+    assert (tmp_path / "seen.msg").read_bytes() == b"Subject: f\n\n"
+    assert todo_entries(qmail_home) == []
+
+
+def test_qmailqueue_that_cannot_run(qmail_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("QMAILQUEUE", "/nonexistent/filter")
+    result = queue_message(qmail_home, b"x", "a@b.test", ["c@d.test"])
+    assert result.code == 120 and result.text == "Zunable to exec qq (#4.3.0)"
+
+
+def test_streaming_client_abort_leaves_nothing(qmail_home: Path) -> None:
+    client = QueueClient(qmail_home, invoked="from network")
+    client.write(b"Subject: half\n\n" + b"x" * 200_000)
+    client.abort()
+    assert queue_files(qmail_home) == []
+
+
+def test_invoked_phrase_from_caller(qmail_home: Path) -> None:
+    assert queue_message(qmail_home, b"x\n", "", ["a@b.test"], invoked="from network").ok
+    (mess,) = [p for p in (qmail_home / "queue" / "mess").rglob("*") if p.is_file()]
+    assert b"invoked from network); " in mess.read_bytes().split(b"\n", 1)[0]
