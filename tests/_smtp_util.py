@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import re
+import signal
+import socket
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from pyqmail.smtp_server import (
     AuthRequested,
@@ -130,3 +135,117 @@ def reference_decode(data: bytes) -> bytes:
     assert body.endswith(b"\r\n")
     lines = body[:-2].split(b"\r\n")
     return b"".join((line[1:] if line.startswith(b".") else line) + b"\n" for line in lines)
+
+
+# -- talking to a real qmail-smtpd ----------------------------------------------------------
+
+
+def queued(home: Path) -> list[tuple[str, list[str], bytes]]:
+    """Every message committed to queue/todo: (sender, recipients, message bytes)."""
+    found = []
+    todo = home / "queue" / "todo"
+    for entry in sorted(todo.iterdir(), key=lambda p: int(p.name)):
+        n = int(entry.name)
+        fields = entry.read_bytes().split(b"\0")
+        sender = ""
+        rcpts: list[str] = []
+        for f in fields:
+            if f.startswith(b"F"):
+                sender = f[1:].decode("utf-8", "surrogateescape")
+            elif f.startswith(b"T"):
+                rcpts.append(f[1:].decode("utf-8", "surrogateescape"))
+        mess = (home / "queue" / "mess" / str(n % 23) / str(n)).read_bytes()
+        found.append((sender, rcpts, mess))
+    return found
+
+
+def queue_leftovers(home: Path) -> list[str]:
+    """Files a refused or dropped message must not leave behind."""
+    q = home / "queue"
+    left = [str(p.relative_to(q)) for p in (q / "mess").rglob("*") if p.is_file()]
+    for sub in ("todo", "intd", "pid"):
+        left += [f"{sub}/{p.name}" for p in (q / sub).iterdir()]
+    return left
+
+
+class Talk:
+    """A line-level SMTP client over a connected socket, with a deadline on every read."""
+
+    def __init__(self, sock: socket.socket, timeout: float = 10.0) -> None:
+        self.sock = sock
+        self.sock.settimeout(timeout)
+        self.buf = b""
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def reply(self) -> tuple[int, list[str]]:
+        lines: list[str] = []
+        while True:
+            while b"\r\n" not in self.buf:
+                chunk = self.sock.recv(65536)
+                if not chunk:
+                    raise EOFError(f"connection closed after {lines!r} / {self.buf!r}")
+                self.buf += chunk
+            raw, self.buf = self.buf.split(b"\r\n", 1)
+            m = REPLY_LINE.match(raw)
+            assert m, raw
+            lines.append(m.group(3).decode("utf-8", "surrogateescape"))
+            if m.group(2) == b" ":
+                return int(m.group(1)), lines
+
+    def cmd(self, line: bytes) -> tuple[int, str]:
+        self.send(line + b"\r\n")
+        code, lines = self.reply()
+        return code, lines[-1]
+
+    def at_eof(self) -> bool:
+        if self.buf:
+            return False
+        return self.sock.recv(1) == b""
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class ForkedSMTPD:
+    """qmail-smtpd's handle_connection() in a forked child on one end of a socketpair."""
+
+    def __init__(self, home: Path, env: dict[str, str], log: Path) -> None:
+        parent, child = socket.socketpair()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child never returns to pytest
+            code = 111
+            try:
+                parent.close()
+                fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+                os.dup2(fd, 2)
+                from pyqmail.smtpd import handle_connection
+
+                code = handle_connection(home, child.detach(), env)
+            finally:
+                os._exit(code)
+        child.close()
+        self.pid = pid
+        self.log = log
+        self.talk = Talk(parent)
+
+    def wait(self, timeout: float = 10.0) -> int:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.pid = 0
+                return os.waitstatus_to_exitcode(status)
+            time.sleep(0.01)
+        raise AssertionError("qmail-smtpd did not exit")
+
+    def stop(self) -> None:
+        self.talk.close()
+        if self.pid:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+                os.waitpid(self.pid, 0)
+            except (ProcessLookupError, ChildProcessError):
+                pass
+            self.pid = 0
