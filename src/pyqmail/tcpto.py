@@ -83,6 +83,8 @@ class TCPTO:
             return None  # no tcpto memory is not a reason to stop delivering
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
+            if create and os.fstat(fd).st_size < lay.size:
+                os.ftruncate(fd, lay.size)  # a new tcpto6 gets its full size at once
         except OSError:
             os.close(fd)
             return None
