@@ -409,12 +409,17 @@ def _read_assign(home: Path) -> tuple[list[bytes], bytes]:
     raise UserError(f"{path} has no terminating '.' line; fix it before adding users")
 
 
-def _store_assign(home: Path, lines: list[bytes], tail: bytes) -> None:
+def _check_assign(lines: list[bytes], tail: bytes) -> bytes:
     data = b"".join(lines) + tail
     try:
         assign_records(data)
     except NewuError as e:
         raise UserError(f"users/assign: {e}") from None
+    return data
+
+
+def _store_assign(home: Path, lines: list[bytes], tail: bytes) -> None:
+    data = _check_assign(lines, tail)
     _write_atomic(_users_dir(home) / "assign", data, 0o644)
     try:
         newu(home)
@@ -498,13 +503,9 @@ def add_user(
     address = f"{local}@{domain}"
     uid = os.getuid() if uid is None else uid
     gid = os.getgid() if gid is None else gid
-    if uid == 0:
-        raise UserError(
-            "a mailbox owned by root would never get mail (qmail does not deliver as root): "
-            "give it an unprivileged uid and gid"
-        )
     with _locked(home):
         lines, tail = _read_assign(home)
+        _check_assign(lines, tail)  # before anything is created
         if _managed(lines, address):
             raise UserError(f"{address} already exists")
         key = _assign_key(home, local, domain)
