@@ -23,6 +23,14 @@ HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
 
 
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
 def handler_main(config: dict[str, Any]) -> None:
     from pyqmail.tcpserver import serve
 
@@ -39,6 +47,8 @@ def handler_main(config: dict[str, Any]) -> None:
         try:
             greeting = {
                 "pid": os.getpid(),
+                "fd": fd,
+                "std_open": all(_is_open(n) for n in (0, 1, 2)),
                 "env": env,
                 "active": active,
                 "os_relay": os.environ.get("RELAYCLIENT"),
@@ -70,6 +80,9 @@ def handler_main(config: dict[str, Any]) -> None:
     if "banner" in opts:
         opts["banner"] = opts["banner"].encode()
     rules = Path(config["rules"]) if config.get("rules") else None
+    if config.get("close_stdin"):
+        # as a supervisor may start us: nothing on fd 0
+        os.close(0)
     addresses = [tuple(a) for a in config["addresses"]]
     sys.exit(
         serve(

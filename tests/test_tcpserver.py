@@ -314,3 +314,14 @@ def test_sighup_does_not_stop_the_server(tmp_path: Path) -> None:
         c = Client("127.0.0.1", srv.port)
         assert c.greeting()["env"]["PROTO"] == "TCP"
         c.close()
+
+
+def test_sockets_never_land_on_fds_0_to_2(tmp_path: Path) -> None:
+    # started with fd 0 closed, the server must not hand out fd 0 as a connection: handlers
+    # dup2 pipes onto 0 and 1 when they start qmail-queue
+    with library_server(tmp_path, close_stdin=True) as srv:
+        c = Client("127.0.0.1", srv.port)
+        g = c.greeting()
+        assert g["fd"] > 2
+        assert g["std_open"] is True
+        c.close()

@@ -171,6 +171,22 @@ def ident_query(
     return os.fsdecode(user) if user else None
 
 
+def _ensure_std_fds() -> None:
+    """Put /dev/null on any closed fd 0-2 so no socket or pipe of ours ever lands there.
+
+    A supervisor may start the server with fd 0 and fd 1 closed; a connection socket that got
+    fd 0 would then be clobbered when a handler (qmail-queue's caller) dup2s pipes onto 0 and 1.
+    """
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+
+
 class _Rules:
     """The rules cdb, re-read only when the file on disk changes (inode, size or mtime)."""
 
@@ -243,6 +259,7 @@ class TCPServer:
 
     def bind(self) -> list[tuple[str, int]]:
         """Create the listening sockets; returns the bound (address, port) pairs."""
+        _ensure_std_fds()
         bound: list[tuple[str, int]] = []
         for host, port in self.addresses:
             family = socket.AF_INET6 if ":" in host else socket.AF_INET
