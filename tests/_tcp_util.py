@@ -37,6 +37,7 @@ def handler_main(config: dict[str, Any]) -> None:
     active_dir = Path(config["active_dir"]) if config.get("active_dir") else None
 
     def handle(fd: int, env: dict[str, str]) -> int:
+        std_open = all(_is_open(n) for n in (0, 1, 2))
         sock = socket.socket(fileno=os.dup(fd))
         mark = None
         active = 0
@@ -48,7 +49,7 @@ def handler_main(config: dict[str, Any]) -> None:
             greeting = {
                 "pid": os.getpid(),
                 "fd": fd,
-                "std_open": all(_is_open(n) for n in (0, 1, 2)),
+                "std_open": std_open,
                 "env": env,
                 "active": active,
                 "os_relay": os.environ.get("RELAYCLIENT"),
