@@ -43,10 +43,10 @@ def _ensure_default_home(home: Path) -> int:
     from .run import default_me
 
     me = default_me()
-    settings = HomeSettings(me=me, locals=[me, "localhost"])
+    settings = HomeSettings(me=me, locals=list(dict.fromkeys([me, "localhost"])))
     create_home(home, settings)
     print(f"pyqmail: created a new qmail home at {home} for host {me}")
-    print(f"  local domains: {me}, localhost; mail for postmaster goes to {home}/alias/Maildir/")
+    print(f"  local domains: {', '.join(settings.locals)}; mail for postmaster goes to {home}/alias/Maildir/")
     print(f"  add a mailbox:  pyqmail user add you@{me}")
     return 0
 

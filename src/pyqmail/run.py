@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
-from .control import Control
+from .control import Control, ControlError, SendControls
 
 Child = Callable[[], int]
 
@@ -70,8 +70,6 @@ def listen_addresses(ctl: Control, name: str, default: list[str]) -> list[tuple[
         host, _, port = entry.rpartition(":")
         host = host.strip("[]")
         if not port.isdigit() or not host:
-            from .control import ControlError
-
             raise ControlError(ctl.path(name), f"expected ADDRESS:PORT, got {entry!r}")
         result.append((host, int(port)))
     return result
@@ -93,8 +91,11 @@ class Supervisor:
         home = self.home
         ctl = Control(home)
         queue = home / "queue"
+        # every control is read before anything is forked: a bad file stops us cleanly
         defaultdelivery = ctl.line("defaultdelivery") or "./Maildir/"
         smtp = listen_addresses(ctl, "smtplisten", default_smtp())
+        conc = ctl.integer("concurrencyincoming", 40, minimum=1)
+        SendControls.load(home)
         for sub in ("send", "smtpd"):
             (home / "log" / sub).mkdir(parents=True, exist_ok=True)
 
@@ -142,7 +143,6 @@ class Supervisor:
                 7: cln_res[0],
             },
         )
-        conc = ctl.integer("concurrencyincoming", 40, minimum=1)
         rules = home / "control" / "tcp.smtp.cdb"
         self.smtpd_pid = self.spawn(
             "tcpserver smtpd",
@@ -188,9 +188,8 @@ class Supervisor:
                     pass
 
     def on_term(self, signum: int, frame: FrameType | None) -> None:
-        if not self.stopping:
-            self.stopping = True
-            self.signal_children(signal.SIGTERM, ("qmail-send", "tcpserver smtpd"))
+        self.stopping = True
+        self.signal_children(signal.SIGTERM, ("qmail-send", "tcpserver smtpd"))
 
     def on_hup(self, signum: int, frame: FrameType | None) -> None:
         self.signal_children(signal.SIGHUP, ("qmail-send", "tcpserver smtpd"))
@@ -222,7 +221,14 @@ def run(home: Path, out: Callable[[str], None] = print) -> int:
     signal.signal(signal.SIGHUP, sup.on_hup)
     signal.signal(signal.SIGALRM, sup.on_alrm)
     sys.stdout.flush()
-    sup.start()
+    try:
+        sup.start()
+    except BaseException:
+        sup.on_term(signal.SIGTERM, None)
+        sup.wait()
+        raise
+    if sup.stopping:  # a TERM that came while children were still being started
+        sup.on_term(signal.SIGTERM, None)
     sys.stdout.flush()
     code = sup.wait()
     out(f"pyqmail stopped at {time.strftime('%Y-%m-%d %H:%M:%S')}")
