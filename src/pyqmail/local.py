@@ -30,6 +30,7 @@ from types import FrameType
 from .constants import EXIT_PERM, EXIT_TEMP, PATRN
 from .fmt import ctime_stamp, quote2
 from .home import resolve_home
+from .qq import QueueClient
 
 USAGE = (
     "qmail-local: usage: qmail-local [ -nN ] user homedir local dash ext domain sender aliasempty"
@@ -441,8 +442,6 @@ def deliver_program(command: bytes, msg_fd: int) -> bool:
 
 def forward(st: _State) -> None:
     """Queue DTLINE + message once, from NEWSENDER, to every collected forward address."""
-    from .qq import QueueClient
-
     rewind(st.msg_fd)
     try:
         client = QueueClient(st.home)

@@ -12,6 +12,9 @@ import os
 import sys
 from pathlib import Path
 
+# Imported here, not on first use: a delivery child that has become an
+# unprivileged user may no longer be able to read the installed package.
+from . import qmail_queue as _qmail_queue  # noqa: F401
 from .control import Control, ControlError
 from .home import resolve_home
 from .local import qmail_local
@@ -71,8 +74,32 @@ def lspawn_report(status: int, output: bytes) -> bytes:
     return b"D" + text
 
 
-def lspawn_deliver(home: Path, defaultdelivery: str) -> DeliverFn:
-    """The function pyqmail.spawn.serve runs in each forked delivery child."""
+def root_managed_home(home: Path, homedir: str) -> bool:
+    """True for a root-owned home pyqmail itself made: HOME/alias or under HOME/mailboxes/.
+
+    Only root can write the .qmail files in such a directory, so following them
+    as root gives nobody more power than they already have.
+    """
+    try:
+        top = Path(os.path.realpath(home))
+        path = Path(os.path.realpath(homedir))
+        st = os.stat(path)
+    except OSError:
+        return False
+    if st.st_uid != 0 or st.st_mode & 0o022:
+        return False
+    return path == top / "alias" or (top / "mailboxes") in path.parents
+
+
+def lspawn_deliver(home: Path, defaultdelivery: str, allow_root_managed: bool = True) -> DeliverFn:
+    """The function pyqmail.spawn.serve runs in each forked delivery child.
+
+    As root, each delivery runs as the address's owner (groups, gid, uid set
+    first) and an owner with uid 0 is refused, as in qmail, with one exception
+    unless allow_root_managed is False: homes pyqmail made itself and root
+    still owns (a root-run install whose alias/ and mailboxes were never given
+    to an unprivileged account) are delivered to as root.
+    """
     home = Path(home).absolute()
 
     def deliver(msg_fd: int, sender: str, recipient: str) -> int:
@@ -89,9 +116,10 @@ def lspawn_deliver(home: Path, defaultdelivery: str) -> DeliverFn:
             return QLX_NOMEM
         except OSError:
             return QLX_SYS
-        if as_root:
-            if owner.uid == 0:
+        if as_root and owner.uid == 0:
+            if not (allow_root_managed and root_managed_home(home, owner.homedir)):
                 return QLX_ROOT
+        elif as_root:
             try:
                 os.setgroups([owner.gid])
                 os.setgid(owner.gid)
