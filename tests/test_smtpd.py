@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
+import smtplib
+import socket
 import subprocess
 import sys
 import time
@@ -268,6 +271,7 @@ def test_bare_lf_in_data_disconnects_and_queues_nothing(smtpd: Start, qmail_home
     )
     assert t.reply() == (451, ["See https://cr.yp.to/docs/smtplf.html."])
     assert t.at_eof()
+    t.close()
     assert s.wait() == 1
     assert queued(qmail_home) == []
     assert queue_leftovers(qmail_home) == []
@@ -448,3 +452,53 @@ def test_console_script_on_stdin_stdout(qmail_home: Path) -> None:
     assert queued(qmail_home)[0][2].endswith(b"\nhi\n")
     bad = subprocess.run([str(BIN / "qmail-smtpd"), "--bogus"], capture_output=True, timeout=30)
     assert bad.returncode == 100
+
+
+def test_handle_connection_under_the_warm_tcpserver(qmail_home: Path, tmp_path: Path) -> None:
+    from pyqmail import smtpd, tcpserver
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = int(probe.getsockname()[1])
+    log = tmp_path / "server.log"
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the server child
+        code = 111
+        try:
+            fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            os.dup2(fd, 2)
+            code = tcpserver.serve(
+                [("127.0.0.1", port)],
+                lambda sock_fd, env: smtpd.handle_connection(qmail_home, sock_fd, env),
+                limit=5,
+            )
+        finally:
+            os._exit(code)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                conn = smtplib.SMTP("127.0.0.1", port, timeout=10)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
+        with conn:
+            conn.ehlo("warm.test")
+            assert (
+                conn.sendmail("a@example.org", ["u@example.test"], b"Subject: warm\r\n\r\nok\r\n")
+                == {}
+            )
+        [(sender, rcpts, mess)] = queued(qmail_home)
+        assert (sender, rcpts) == ("a@example.org", ["u@example.test"])
+        assert b"(HELO warm.test) (127.0.0.1)\n  by 127.0.0.1 with ESMTP;" in mess
+    finally:
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while os.waitpid(pid, os.WNOHANG) == (0, 0):
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                break
+            time.sleep(0.02)

@@ -279,3 +279,21 @@ def test_client_that_never_speaks_times_out(server: Server, qmail_home: Path) ->
         assert t.at_eof()
     finally:
         t.close()
+
+
+def test_smuggling_attempt_gets_its_451_over_tcp(server: Server, qmail_home: Path) -> None:
+    t = server.talk(source="127.0.0.2")
+    try:
+        assert t.reply()[0] == 220
+        t.send(b"HELO c.test\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<u@example.test>\r\nDATA\r\n")
+        assert [t.reply()[0] for _ in range(4)] == [250, 250, 250, 354]
+        # the smuggled second message follows in the same write, and more keeps coming
+        t.send(
+            b"Subject: one\r\n\r\nbody\n.\r\nMAIL FROM:<ceo@example.test>\r\n"
+            b"RCPT TO:<victim@example.test>\r\nDATA\r\nforged\r\n.\r\n" + b"junk\r\n" * 20000
+        )
+        assert t.reply() == (451, ["See https://cr.yp.to/docs/smtplf.html."])
+    finally:
+        t.close()
+    wait_until(lambda: "bare LF or bare CR" in server.log.read_text())
+    assert queued(qmail_home) == []

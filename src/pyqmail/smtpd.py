@@ -47,6 +47,7 @@ import os
 import pwd
 import select
 import signal
+import socket
 import sys
 import time
 from collections.abc import Mapping
@@ -79,6 +80,8 @@ from .smtp_server import (
 )
 
 READ_SIZE = 65536
+LINGER_SECONDS = 2.0
+LINGER_BYTES = 1 << 20
 DEFAULT_TIMEOUT = 1200
 
 R_CONTROLS = b"421 unable to read controls (#4.3.0)\r\n"
@@ -487,6 +490,42 @@ class Session:
             except OSError:
                 return b""
 
+    def linger(self) -> None:
+        """Let the last reply reach a client that is still sending, before we close.
+
+        Closing a TCP socket with unread input makes the kernel send a reset,
+        which can destroy our final reply (e.g. the 451 for a bare LF) before
+        the client reads it.  So: half-close, then read and drop the client's
+        input for a short, bounded while.
+        """
+        fd = os.dup(self.wfd)
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError:
+            os.close(fd)
+            return  # not a socket (pipes, inetd-like wrappers): nothing to half-close
+        try:
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        finally:
+            sock.close()
+        deadline = time.monotonic() + LINGER_SECONDS
+        budget = LINGER_BYTES
+        poller = select.poll()
+        poller.register(self.rfd, select.POLLIN)
+        while budget > 0:
+            left = deadline - time.monotonic()
+            if left <= 0 or not poller.poll(int(left * 1000) + 1):
+                return
+            try:
+                data = os.read(self.rfd, READ_SIZE)
+            except OSError:
+                return
+            if not data:
+                return
+            budget -= len(data)
+
     def run(self) -> int:
         srv = self.server
         srv.start()
@@ -510,6 +549,8 @@ class Session:
                     self.drop_message()
                     self.flush()
                     self.log(f"end: {ev.reason}, {self.messages} messages")
+                    if not ev.clean and not ev.reason.startswith("client closed"):
+                        self.linger()
                     return 0 if ev.clean else 1
                 self.handle(ev)
         except _Gone as e:
