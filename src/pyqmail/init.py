@@ -18,6 +18,17 @@ ALIAS_FILES = {
 }
 
 
+# Relaying is allowed from this machine only: local mail programs may submit over SMTP,
+# strangers may only send to rcpthosts (qmail's usual tcp.smtp).
+TCP_SMTP = """\
+# Rules for the SMTP listener of `pyqmail run` (tcprules format). After editing run:
+#   tcprules control/tcp.smtp.cdb control/tcp.smtp.tmp < control/tcp.smtp
+127.0.0.1:allow,RELAYCLIENT=""
+::1:allow,RELAYCLIENT=""
+:allow
+"""
+
+
 class HomeExists(Exception):
     pass
 
@@ -81,5 +92,14 @@ def create_home(home: Path, settings: HomeSettings, force: bool = False) -> list
     if not (alias / "Maildir").exists():
         _maildir(alias / "Maildir")
         made.append(alias / "Maildir")
+    rules = home / "control" / "tcp.smtp"
+    if not rules.exists():
+        from .tcprules import compile_rules
+
+        rules.write_text(TCP_SMTP)
+        compile_rules(
+            TCP_SMTP.encode(), rules.with_name("tcp.smtp.cdb"), rules.with_name("tcp.smtp.tmp")
+        )
+        made += [rules, rules.with_name("tcp.smtp.cdb")]
     made += make_queue(home / "queue")
     return made
