@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from _inject_util import clean_env, qq_script, queue_is_empty, queued, run
+from pyqmail import inject
 from pyqmail.control import write_control
 
 MESSAGE = b"To: bob@example.test, carol\nSubject: hello\n\nHello Bob.\n"
@@ -235,3 +236,48 @@ def test_qmailqueue_that_cannot_run(qmail_home: Path, tmp_path: Path) -> None:
     proc = run("qmail-inject", ["r@x.test"], qmail_home, MESSAGE, env=env)
     assert proc.returncode == 111
     assert proc.stderr == b"qmail-inject: fatal: unable to exec qq (#4.3.0)\n"
+
+
+def test_read_error_is_temporary(qmail_home: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    # in-process: Python will not even start with a directory as stdin, but reading one
+    # fails with EISDIR, which stands in for an I/O error on the message
+    fd = os.open(qmail_home, os.O_RDONLY)
+    saved = os.dup(0)
+    os.dup2(fd, 0)
+    try:
+        assert inject.run(["a@b.test"], home=qmail_home) == 111
+    finally:
+        os.dup2(saved, 0)
+        os.close(saved)
+        os.close(fd)
+    assert capfd.readouterr().err == "qmail-inject: fatal: read error\n"
+    assert queue_is_empty(qmail_home)
+
+
+def test_help(qmail_home: Path) -> None:
+    proc = run("qmail-inject", ["--help"], qmail_home)
+    assert proc.returncode == 0
+    assert proc.stdout.startswith(b"usage: qmail-inject ")
+    assert b"--home" in proc.stdout
+
+
+def test_unexpected_failure_is_temporary_without_traceback(
+    qmail_home: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("simulated")
+
+    monkeypatch.setattr(inject, "inject_message", broken)
+    r, w = os.pipe()
+    os.close(w)
+    saved = os.dup(0)
+    os.dup2(r, 0)
+    try:
+        assert inject.run(["a@b.test"], home=qmail_home) == 111
+    finally:
+        os.dup2(saved, 0)
+        os.close(saved)
+        os.close(r)
+    err = capfd.readouterr().err
+    assert err == "qmail-inject: fatal: internal bug: RuntimeError: simulated\n"
+    assert queue_is_empty(qmail_home)

@@ -618,15 +618,16 @@ def print_form(injection: Injection) -> bytes:
 # -- the program ------------------------------------------------------------------------
 
 
-def _say(text: str) -> None:
-    data = ("qmail-inject: fatal: " + text + ("" if text.endswith("\n") else "\n")).encode(
-        "utf-8", "surrogateescape"
-    )
+def _stderr(text: str) -> None:
     try:
         sys.stderr.flush()
-        os.write(2, data)
+        _write_all(2, text.encode("utf-8", "surrogateescape"))
     except OSError:
-        pass
+        pass  # nowhere left to complain to; the exit code still tells
+
+
+def _say(text: str) -> None:
+    _stderr("qmail-inject: fatal: " + text + ("" if text.endswith("\n") else "\n"))
 
 
 def _read_all(fd: int) -> bytes:
@@ -665,12 +666,12 @@ def run(argv: Sequence[str], env: Mapping[str, str] | None = None, home: Path | 
         elif opt.startswith("--home="):
             home_arg = opt.split("=", 1)[1]
         else:
-            os.write(2, USAGE.encode())
+            _stderr(USAGE)
             return EXIT_PERM
     try:
         args = parse_args(rest)
     except UsageError:
-        os.write(2, USAGE.encode())
+        _stderr(USAGE)
         return EXIT_PERM
     root = home if home is not None else resolve_home(home_arg)
     try:
@@ -684,6 +685,10 @@ def run(argv: Sequence[str], env: Mapping[str, str] | None = None, home: Path | 
         return e.code
     except MemoryError:
         _say("out of memory")
+        return EXIT_TEMP
+    except Exception as e:
+        # a bug must not lose the message silently or show a traceback: the caller retries
+        _say(f"internal bug: {type(e).__name__}: {e}")
         return EXIT_TEMP
     if not args.queue:
         try:
@@ -706,4 +711,8 @@ def run(argv: Sequence[str], env: Mapping[str, str] | None = None, home: Path | 
 
 
 def main(argv: list[str] | None = None) -> None:
-    sys.exit(run(sys.argv[1:] if argv is None else argv))
+    try:
+        code = run(sys.argv[1:] if argv is None else argv)
+    except KeyboardInterrupt:
+        code = EXIT_TEMP  # interrupted before qmail-queue committed anything it reported
+    sys.exit(code)

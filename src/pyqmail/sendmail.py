@@ -213,4 +213,8 @@ def run(argv0: str, argv: Sequence[str], home: Path | None = None) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv if argv is None else argv
-    sys.exit(run(args[0] if args else "sendmail", args[1:]))
+    try:
+        code = run(args[0] if args else "sendmail", args[1:])
+    except KeyboardInterrupt:
+        code = EXIT_TEMP
+    sys.exit(code)
