@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import select
 import shutil
 import socket
@@ -208,7 +209,9 @@ def unstuff(payload: bytes) -> bytes:
 class SMTPSink:
     """Postfix's smtp-sink on 127.0.0.1, counting what it accepts (-c)."""
 
-    def __init__(self, port: int | None = None, extra: list[str] | None = None) -> None:
+    def __init__(
+        self, port: int | None = None, extra: list[str] | None = None, stdout: Path | None = None
+    ) -> None:
         self.port = port or free_port()
         exe = shutil.which("smtp-sink") or "/usr/sbin/smtp-sink"
         if not os.path.exists(exe):
@@ -217,7 +220,12 @@ class SMTPSink:
         if os.geteuid() == 0:
             args += ["-u", "nobody"]
         args += [f"127.0.0.1:{self.port}", "256"]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        out = open(stdout, "wb") if stdout else subprocess.DEVNULL  # noqa: SIM115
+        try:
+            self.proc = subprocess.Popen(args, stdout=out, stderr=subprocess.DEVNULL)
+        finally:
+            if stdout:
+                out.close()  # type: ignore[union-attr]
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:
@@ -227,6 +235,12 @@ class SMTPSink:
                 time.sleep(0.05)
         self.stop()
         raise RuntimeError("smtp-sink did not start")
+
+    @staticmethod
+    def messages(counts: Path) -> int:
+        """The last `mesg=N` counter smtp-sink -c wrote."""
+        found = re.findall(rb"mesg=(\d+)", counts.read_bytes())
+        return int(found[-1]) if found else 0
 
     def stop(self) -> None:
         self.proc.terminate()

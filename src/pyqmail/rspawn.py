@@ -18,7 +18,6 @@ import argparse
 import grp
 import os
 import pwd
-import sys
 from pathlib import Path
 
 from . import remote, spawn, tcpto
@@ -62,9 +61,11 @@ def drop_privileges() -> None:
     try:
         pw = pwd.getpwnam("qmailr")
     except KeyError:
-        sys.stderr.write(
-            "qmail-rspawn: warning: no qmailr account; remote deliveries run as root\n"
-        )
+        # unbuffered: a buffered stderr would be flushed later by every forked delivery child
+        try:
+            os.write(2, b"qmail-rspawn: warning: no qmailr account; remote deliveries run as root\n")
+        except OSError:
+            pass
         return
     try:
         gid = grp.getgrnam("qmail").gr_gid
