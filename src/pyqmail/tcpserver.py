@@ -402,7 +402,12 @@ class TCPServer:
             self._status()
 
     def _accept_from(self, lsock: socket.socket) -> None:
-        while len(self.children) < self.opts.limit:
+        while True:
+            # under load this loop can run for a while; finished children must not keep
+            # their slots (or their address's per-IP count) as unreaped zombies meanwhile
+            self._reap()
+            if len(self.children) >= self.opts.limit:
+                return
             try:
                 conn, peer = lsock.accept()
             except (BlockingIOError, InterruptedError):
