@@ -757,15 +757,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         port = _parse_port(port_text)
         addresses = _resolve_hosts(host, port, want4, want6)
+        if print_port:
+            # printed once SIGTERM is handled, so whoever reads the port may signal at once
+            opts.on_ready = _print_port
         server = TCPServer(addresses, exec_handler(program, opts.log_fd), opts)
-        bound = server.bind()
+        server.bind()
     except ServerError as exc:
         os.write(2, f"tcpserver: fatal: {exc}\n".encode(errors="replace"))
         return EXIT_TEMP
-    if print_port:
-        sys.stdout.write(f"{bound[0][1]}\n")
-        sys.stdout.flush()
     return server.run()
+
+
+def _print_port(bound: list[tuple[str, int]]) -> None:
+    sys.stdout.write(f"{bound[0][1]}\n")
+    sys.stdout.flush()
 
 
 if __name__ == "__main__":
