@@ -293,7 +293,8 @@ def proc_state(pid: int) -> str:
     return stat.rsplit(")", 1)[1].split()[0]
 
 
-def test_term_writes_what_is_in_the_pipe_and_exits(tmp_path: Path) -> None:
+def test_term_keeps_logging_until_the_writers_close(tmp_path: Path) -> None:
+    """A group-wide TERM reaches the logger first: qmail-send's last lines still land."""
     d = tmp_path / "log"
     proc = start_logger(d)
     assert proc.stdin is not None
@@ -301,20 +302,64 @@ def test_term_writes_what_is_in_the_pipe_and_exits(tmp_path: Path) -> None:
         proc.stdin.write(b"ready\n")
         proc.stdin.flush()
         wait_for(lambda: logged(d) == [b"ready"], "the logger to run")
-        # stopped, the logger cannot read ahead: the lines are still in the pipe when
-        # the TERM is handled
-        proc.send_signal(signal.SIGSTOP)
-        wait_for(lambda: proc_state(proc.pid) == "T", "the logger to stop")
-        proc.stdin.write(b"".join(b"queued %d\n" % i for i in range(300)) + b"half a line")
-        proc.stdin.flush()
         proc.send_signal(signal.SIGTERM)
-        proc.send_signal(signal.SIGCONT)
+        time.sleep(0.2)
+        assert proc.poll() is None
+        proc.stdin.write(b"status: local 0/10 remote 0/20 exitasap\nstatus: exiting\n")
+        started = time.monotonic()
+        proc.stdin.close()
         assert stop(proc) == 0
+        assert time.monotonic() - started < 3  # EOF ends it, not the grace period
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-        proc.stdin.close()
+    assert all_lines(d) == [
+        b"ready",
+        b"status: local 0/10 remote 0/20 exitasap",
+        b"status: exiting",
+    ]
+    assert mode(d / "current") == 0o744
+
+
+def test_term_after_the_grace_period_still_writes_what_the_pipe_holds(
+    tmp_path: Path,
+) -> None:
+    d = tmp_path / "log"
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 111
+        try:
+            os.close(w)
+            code = multilog.run(r, d, term_grace=0.0)
+        finally:
+            os._exit(code)
+    os.close(r)
+    try:
+        os.write(w, b"ready\n")
+        wait_for(lambda: logged(d) == [b"ready"], "the logger to run")
+        # stopped, the logger cannot read ahead: these lines wait in the pipe
+        os.kill(pid, signal.SIGSTOP)
+        wait_for(lambda: proc_state(pid) == "T", "the logger to stop")
+        os.write(w, b"".join(b"queued %d\n" % i for i in range(300)) + b"half a line")
+        os.kill(pid, signal.SIGTERM)
+        os.kill(pid, signal.SIGCONT)
+        # the write end stays open: only the grace period can end the logger
+        deadline = time.monotonic() + 10
+        status = None
+        while time.monotonic() < deadline:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            time.sleep(0.02)
+        else:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise AssertionError("logger did not exit after its grace period")
+    finally:
+        os.close(w)
+    assert os.waitstatus_to_exitcode(status) == 0
     assert all_lines(d) == [b"ready", *(b"queued %d" % i for i in range(300)), b"half a line"]
     assert mode(d / "current") == 0o744
 

@@ -24,10 +24,12 @@ written as several lines (a writer without newlines must not exhaust
 memory); no selection patterns, processors or status files.
 
 `run(fd, dir)` is the logger process body: it reads lines from a pipe until
-EOF, then marks `current` complete.  SIGALRM forces a rotation; SIGTERM
-writes whatever is already in the pipe and exits.  SIGINT and SIGHUP are
-ignored: a Ctrl-C reaches the whole process group, and the logger must
-outlive its writers to record their last words; it stops at EOF.
+EOF, then marks `current` complete.  The logger must outlive its writers to
+record their last words (qmail-send's `status: exiting`), and a stop often
+signals a whole process group or cgroup at once, so: SIGINT and SIGHUP are
+ignored; SIGTERM keeps reading until EOF for at most `term_grace` seconds,
+then writes whatever the pipe already holds and exits.  SIGALRM forces a
+rotation.
 """
 
 from __future__ import annotations
@@ -54,6 +56,8 @@ MIN_SIZE = 4096
 MAX_SIZE = 2147483647
 # multilog ends a file early rather than let the next line push it past the size
 SLACK = 2000
+# after SIGTERM, how long the writers get to finish and close the pipe
+TERM_GRACE = 5.0
 MAX_LINE = 65536
 _TAI_BASE = 0x400000000000000A
 
@@ -270,10 +274,11 @@ def _feed(log: LogDir, pending: bytearray, data: bytes) -> None:
 
 
 def _drain(fd: int) -> bytes:
-    """Whatever the pipe already holds, without waiting for more."""
+    """Whatever the pipe already holds, without waiting for more (bounded: a writer
+    that never pauses must not keep us from exiting)."""
     os.set_blocking(fd, False)
     chunks = []
-    while True:
+    for _ in range(256):
         try:
             chunk = os.read(fd, 65536)
         except BlockingIOError:
@@ -289,6 +294,7 @@ def run(
     directory: Path | str,
     max_size: int = DEFAULT_SIZE,
     keep: int = DEFAULT_KEEP,
+    term_grace: float = TERM_GRACE,
 ) -> int:
     """Log every line read from fd into directory until EOF; returns an exit code."""
     try:
@@ -305,15 +311,19 @@ def run(
     old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
     old_hup = signal.signal(signal.SIGHUP, signal.SIG_IGN)
     pending = bytearray()
+    deadline: float | None = None
     try:
         while True:
-            readable, _, _ = select.select([fd, wake_r], [], [])
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            readable, _, _ = select.select([fd, wake_r], [], [], timeout)
             if wake_r in readable:
                 os.read(wake_r, 512)
             if flags.alarm:
                 flags.alarm = False
                 log.rotate()
-            if flags.term:
+            if flags.term and deadline is None:
+                deadline = time.monotonic() + term_grace
+            if deadline is not None and time.monotonic() >= deadline:
                 _feed(log, pending, _drain(fd))
                 break
             if fd in readable:
