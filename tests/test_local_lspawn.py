@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import mailbox
 import os
+import re
 import select
 import subprocess
 import time
@@ -225,6 +226,43 @@ def test_alias_forward_is_queued(spawner: Spawner, qmail_home: Path) -> None:
     (q,) = queued(qmail_home)
     assert (q.sender, q.recipients) == ("joe@example.org", ["postmaster"])
     assert b"\nDelivered-To: root@example.test\n" + MSG in q.message
+
+
+def test_user_forward_is_queued(qmail_home: Path, spawner: Spawner, world: Path) -> None:
+    # as root the delivery runs as UID, which cannot write the root-owned queue:
+    # qmail-lspawn queues the forward for it
+    bob = mailbox_user(qmail_home, world)
+    write_qmail(bob / ".qmail-fwd", "./Maildir/\n&carol@example.test\ndan@example.test\n")
+    give_to(bob, UID if ROOT else None)
+    text = spawner.deliver("bob-fwd@example.test")
+    assert re.fullmatch(rb"Kdid 1\+2\+0\nqp \d+\n", text), text
+    (q,) = queued(qmail_home)
+    assert (q.sender, q.recipients) == (
+        "joe@example.org",
+        ["carol@example.test", "dan@example.test"],
+    )
+    assert q.message.endswith(b"\nDelivered-To: bob-fwd@example.test\n" + MSG)
+    assert len(os.listdir(bob / "Maildir" / "new")) == 1
+
+
+def test_user_forward_failure(
+    qmail_home: Path, mess: Path, world: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bob = mailbox_user(qmail_home, world)
+    write_qmail(bob / ".qmail-fwd", "&carol@example.test\n")
+    give_to(bob, UID if ROOT else None)
+    fake = tmp_path / "qq"
+    fake.write_text("#!/bin/sh\ncat >/dev/null\nexit 31\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("QMAILQUEUE", str(fake))
+    sp = Spawner(qmail_home)
+    try:
+        assert sp.deliver("bob-fwd@example.test") == (
+            b"DUnable to forward message: mail server permanently rejected message (#5.3.0).\n"
+        )
+    finally:
+        assert sp.close() == 0
+    assert queued(qmail_home) == []
 
 
 def test_trash_address(spawner: Spawner) -> None:

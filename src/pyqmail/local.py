@@ -22,7 +22,7 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -78,6 +78,9 @@ _CHUNK = 65536
 _FROM_RE = re.compile(rb">*From ")
 MAILDIR_TIMEOUT = 86400
 MBOX_LOCK_TIMEOUT = 30
+
+# (sender, recipients, dtline, msg_fd) -> (exit code, error line, qp), as queue_forward
+ForwardFn = Callable[[str, list[str], bytes, int], tuple[int, str, int]]
 
 
 def is_temp_errno(code: int | None) -> bool:
@@ -262,6 +265,7 @@ class _State:
     forwards: list[str] = field(default_factory=list)
     stop_after_program: bool = False
     qp: int = 0
+    forwarder: ForwardFn | None = None
 
 
 _maildir_seq = 0
@@ -440,25 +444,44 @@ def deliver_program(command: bytes, msg_fd: int) -> bool:
     return False
 
 
-def forward(st: _State) -> None:
-    """Queue DTLINE + message once, from NEWSENDER, to every collected forward address."""
-    rewind(st.msg_fd)
+def queue_forward(
+    home: Path, sender: str, recipients: list[str], dtline: bytes, msg_fd: int
+) -> tuple[int, str, int]:
+    """Queue DTLINE + message from `sender` to `recipients` through qmail-queue.
+
+    Returns (0, "", qp) when queued, else (exit code, qmail-local's error line, qp).
+    """
     try:
-        client = QueueClient(st.home)
+        rewind(msg_fd)
+    except Die as e:
+        return e.code, e.text, 0
+    try:
+        client = QueueClient(home)
     except OSError as e:
-        raise Die(EXIT_TEMP, f"Unable to fork: {_err(e)}. (#4.3.0)") from None
-    st.qp = client.pid
-    client.write(st.dtline)
+        return EXIT_TEMP, f"Unable to fork: {_err(e)}. (#4.3.0)", 0
+    client.write(dtline)
     try:
-        for chunk in read_chunks(st.msg_fd):
+        for chunk in read_chunks(msg_fd):
             client.write(chunk)
     except OSError as e:
         client.abort()
-        raise Die(EXIT_TEMP, f"Unable to read message: {_err(e)}. (#4.3.0)") from None
-    result = client.finish(st.newsender, st.forwards)
-    if not result.ok:
-        code = EXIT_PERM if result.permanent else EXIT_TEMP
-        raise Die(code, f"Unable to forward message: {result.message}.")
+        return EXIT_TEMP, f"Unable to read message: {_err(e)}. (#4.3.0)", client.pid
+    result = client.finish(sender, recipients)
+    if result.ok:
+        return 0, "", result.qp
+    code = EXIT_PERM if result.permanent else EXIT_TEMP
+    return code, f"Unable to forward message: {result.message}.", result.qp
+
+
+def forward(st: _State) -> None:
+    """Queue DTLINE + message once, from NEWSENDER, to every collected forward address."""
+    if st.forwarder is not None:
+        code, text, qp = st.forwarder(st.newsender, st.forwards, st.dtline, st.msg_fd)
+    else:
+        code, text, qp = queue_forward(st.home, st.newsender, st.forwards, st.dtline, st.msg_fd)
+    st.qp = qp
+    if code:
+        raise Die(code, text)
 
 
 def _check_home(doit: bool) -> None:
@@ -676,11 +699,14 @@ def qmail_local(
     defaultdelivery: str,
     msg_fd: int = 0,
     print_only: bool = False,
+    forwarder: ForwardFn | None = None,
 ) -> int:
     """Deliver (or with print_only, describe) one message; returns 0, 100 or 111.
 
     Changes cwd, umask, signal dispositions and os.environ: call it in a process
     of its own (qmail-lspawn's forked child, or the qmail-local program).
+    `forwarder` replaces the in-process qmail-queue call for forwards (qmail-lspawn
+    uses it when the queue is writable only by the root process it came from).
     """
     st = _State(
         home=Path(home),
@@ -694,6 +720,7 @@ def qmail_local(
         defaultdelivery=defaultdelivery,
         msg_fd=msg_fd,
         doit=not print_only,
+        forwarder=forwarder,
     )
     try:
         _run(st)

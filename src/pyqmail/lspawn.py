@@ -9,15 +9,18 @@ in the same process.  The child's exit code and output become the report.
 from __future__ import annotations
 
 import os
+import signal
+import struct
 import sys
 from pathlib import Path
 
 # Imported here, not on first use: a delivery child that has become an
 # unprivileged user may no longer be able to read the installed package.
 from . import qmail_queue as _qmail_queue  # noqa: F401
+from .constants import EXIT_TEMP
 from .control import Control, ControlError
 from .home import resolve_home
-from .local import qmail_local
+from .local import qmail_local, queue_forward
 from .spawn import DeliverFn, serve
 from .users import (
     QLX_CDB,
@@ -27,6 +30,7 @@ from .users import (
     QLX_ROOT,
     QLX_SYS,
     QLX_USAGE,
+    Assignment,
     LookupFailure,
     resolve_local,
 )
@@ -120,12 +124,7 @@ def lspawn_deliver(home: Path, defaultdelivery: str, allow_root_managed: bool = 
             if not (allow_root_managed and root_managed_home(home, owner.homedir)):
                 return QLX_ROOT
         elif as_root:
-            try:
-                os.setgroups([owner.gid])
-                os.setgid(owner.gid)
-                os.setuid(owner.uid)
-            except OSError:
-                return QLX_SYS
+            return _deliver_as(home, owner, local, domain, sender, defaultdelivery, msg_fd)
         return qmail_local(
             home,
             owner.user,
@@ -140,6 +139,118 @@ def lspawn_deliver(home: Path, defaultdelivery: str, allow_root_managed: bool = 
         )
 
     return deliver
+
+
+def _send_frame(fd: int, parts: list[bytes]) -> None:
+    data = b"\0".join(parts)
+    frame = struct.pack(">I", len(data)) + data
+    view = memoryview(frame)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _recv_frame(fd: int) -> list[bytes] | None:
+    """One length-prefixed frame; None at end of file."""
+
+    def exactly(n: int) -> bytes | None:
+        data = b""
+        while len(data) < n:
+            chunk = os.read(fd, n - len(data))
+            if not chunk:
+                return None
+            data += chunk
+        return data
+
+    head = exactly(4)
+    if head is None:
+        return None
+    (size,) = struct.unpack(">I", head)
+    body = exactly(size) if size else b""
+    return None if body is None else body.split(b"\0")
+
+
+def _deliver_as(
+    home: Path,
+    owner: Assignment,
+    local: str,
+    domain: str,
+    sender: str,
+    defaultdelivery: str,
+    msg_fd: int,
+) -> int:
+    """Run qmail_local as the owner in a child; forwards are queued here, still as root.
+
+    The queue belongs to root (there is no setuid qmail-queue in pyqmail), so a
+    user's forward is sent back over a pipe and queued by this process, which
+    reads the message itself from the shared descriptor while the child waits.
+    """
+    req_r, req_w = os.pipe()
+    rep_r, rep_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = QLX_SYS
+        try:
+            os.close(req_r)
+            os.close(rep_w)
+            os.setgroups([owner.gid])
+            os.setgid(owner.gid)
+            os.setuid(owner.uid)
+
+            def forwarder(
+                new_sender: str, recipients: list[str], dtline: bytes, fd: int
+            ) -> tuple[int, str, int]:
+                enc = [new_sender.encode("utf-8", "surrogateescape"), dtline]
+                enc += [r.encode("utf-8", "surrogateescape") for r in recipients]
+                _send_frame(req_w, enc)
+                reply = _recv_frame(rep_r)
+                if reply is None or len(reply) != 3:
+                    return EXIT_TEMP, "Unable to forward message: qq crashed (#4.3.0).", 0
+                return int(reply[0]), reply[1].decode("utf-8", "surrogateescape"), int(reply[2])
+
+            code = qmail_local(
+                home,
+                owner.user,
+                owner.homedir,
+                local,
+                owner.dash,
+                owner.ext,
+                domain,
+                sender,
+                defaultdelivery,
+                msg_fd=msg_fd,
+                forwarder=forwarder,
+            )
+        except OSError:
+            code = QLX_SYS
+        finally:
+            os._exit(code)
+    os.close(req_w)
+    os.close(rep_r)
+    try:
+        request = _recv_frame(req_r)
+        if request is not None and len(request) >= 2:
+            new_sender = request[0].decode("utf-8", "surrogateescape")
+            recipients = [r.decode("utf-8", "surrogateescape") for r in request[2:]]
+            code, text, qp = queue_forward(home, new_sender, recipients, request[1], msg_fd)
+            try:
+                _send_frame(rep_w, [str(code).encode(), text.encode(), str(qp).encode()])
+            except OSError:
+                pass  # the child died; its wait status tells
+    finally:
+        os.close(req_r)
+        os.close(rep_w)
+    while True:
+        try:
+            _, status = os.waitpid(pid, 0)
+            break
+        except InterruptedError:
+            continue
+    if os.WIFSIGNALED(status):
+        # pass the crash on, so the report says qmail-local crashed
+        sig = os.WTERMSIG(status)
+        signal.signal(sig, signal.SIG_DFL)
+        os.kill(os.getpid(), sig)
+    return os.WEXITSTATUS(status)
 
 
 def default_delivery(home: Path) -> str:
