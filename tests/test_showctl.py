@@ -77,7 +77,15 @@ def test_fresh_home_exact_output(qmail_home: Path) -> None:
     r = run(qmail_home)
     assert r.returncode == 0
     assert r.stderr == b""
-    assert r.stdout.decode() == header(qmail_home) + (
+    out = r.stdout.decode()
+    end = "\nvirtualdomains: (Default.) No virtual domains.\n"
+    qmail_part = out[: out.index(end) + len(end)]
+    # what pyqmail's init adds beyond qmail's files is all described, nothing unknown
+    extras = sections("\n" + out[len(qmail_part) :])
+    assert "defaultdelivery" in extras
+    assert set(extras) <= {doc.name for doc in showctl.PYQMAIL_CONTROLS}
+    assert not any(text.startswith("Oops") for text in extras.values())
+    assert qmail_part == header(qmail_home) + (
         "\n"
         "badmailfrom: (Default.) Any MAIL FROM is allowed.\n"
         "\n"
@@ -140,8 +148,6 @@ def test_fresh_home_exact_output(qmail_home: Path) -> None:
         "timeoutsmtpd: (Default.) SMTP server data timeout is 1200 seconds.\n"
         "\n"
         "virtualdomains: (Default.) No virtual domains.\n"
-        "\n"
-        "defaultdelivery: Delivery for users without a .qmail file: ./Maildir/.\n"
     )
 
 
@@ -318,6 +324,8 @@ def test_broken_me_shows_error_and_literal_defaults(qmail_home: Path) -> None:
 
 
 def test_pyqmail_controls_are_described_and_unknown_files_listed_last(qmail_home: Path) -> None:
+    for name in ("tcp.smtp", "tcp.smtp.cdb", "smtplisten", "concurrencyincoming"):
+        (qmail_home / "control" / name).unlink(missing_ok=True)
     put(qmail_home, "zz-notes", "hello\n")
     put(qmail_home, "aa-old", "x\n")
     put(qmail_home, "nameservers", "127.0.0.1:5353\n::1\n")
@@ -325,6 +333,7 @@ def test_pyqmail_controls_are_described_and_unknown_files_listed_last(qmail_home
     put(qmail_home, "rejectunknownrcpt", "1\n")
     put(qmail_home, "maxrcpt", "lots\n")
     put(qmail_home, "tlspolicy", "secure.test:verify:/etc/ca.pem:mx.secure.test\n")
+    put(qmail_home, "tcp.smtp", '127.0.0.1:allow,RELAYCLIENT=""\n:allow\n')
     (qmail_home / "control" / "tcp.smtp.cdb").write_bytes(b"\0" * 2048)
     out = run(qmail_home).stdout.decode()
     tail = out.split("\nvirtualdomains: (Default.) No virtual domains.\n", 1)[1]
@@ -332,6 +341,7 @@ def test_pyqmail_controls_are_described_and_unknown_files_listed_last(qmail_home
     assert tail == (
         "\ndefaultdelivery: Delivery for users without a .qmail file: ./Maildir/.\n"
         "\nsmtplisten: \nSMTP listener: 127.0.0.1:2525.\nSMTP listener: [::1]:2525.\n"
+        '\ntcp.smtp: \nSMTP client rule: 127.0.0.1:allow,RELAYCLIENT=""\nSMTP client rule: :allow\n'
         "\ntcp.smtp.cdb: Compiled tcprules for the SMTP listener.\n"
         "\nnameservers: \nDNS server queried: 127.0.0.1:5353.\nDNS server queried: ::1.\n"
         "\ntlspolicy: \nTLS policy: secure.test:verify:/etc/ca.pem:mx.secure.test\n"
@@ -340,6 +350,16 @@ def test_pyqmail_controls_are_described_and_unknown_files_listed_last(qmail_home
         "\naa-old: I have no idea what this file does.\n"
         "\nzz-notes: I have no idea what this file does.\n"
     )
+
+
+def test_stale_compiled_rules_are_pointed_out(qmail_home: Path) -> None:
+    ctl = qmail_home / "control"
+    put(qmail_home, "tcp.smtp", ":allow\n")
+    (ctl / "tcp.smtp.cdb").write_bytes(b"\0" * 2048)
+    later = (ctl / "tcp.smtp.cdb").stat().st_mtime + 10
+    os.utime(ctl / "tcp.smtp", (later, later))
+    s = sections(run(qmail_home).stdout.decode())
+    assert s["tcp.smtp.cdb"] == "Oops! tcp.smtp.cdb is older than tcp.smtp."
 
 
 def test_registry_names_are_not_qmail_names() -> None:

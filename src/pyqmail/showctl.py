@@ -43,13 +43,15 @@ class ControlDoc:
 
     kind "line": `<pre><first line><post>.`; "int": the same for a number, checked
     as the reading program checks it; "list": one `<pre><entry><post>` line per
-    entry; "file": just `<pre><post>` (a binary file such as a cdb).
+    entry; "file": just `<pre><post>` (a binary file such as a cdb), or a warning
+    when the file it is compiled from (`source`) is newer.
     """
 
     name: str
     kind: str
     pre: str
     post: str = ""
+    source: str | None = None
 
 
 PYQMAIL_CONTROLS: tuple[ControlDoc, ...] = (
@@ -60,7 +62,13 @@ PYQMAIL_CONTROLS: tuple[ControlDoc, ...] = (
     ControlDoc("submissionlisten", "list", "Submission listener: ", "."),
     ControlDoc("pop3listen", "list", "POP3 listener: ", "."),
     ControlDoc("concurrencyincoming", "int", "Incoming SMTP concurrency is "),
-    ControlDoc("tcp.smtp.cdb", "file", "Compiled tcprules for the SMTP listener."),
+    ControlDoc(
+        "concurrencyperip", "int", "Incoming SMTP connections per client address (0 = any): "
+    ),
+    ControlDoc("tcp.smtp", "list", "SMTP client rule: "),
+    ControlDoc(
+        "tcp.smtp.cdb", "file", "Compiled tcprules for the SMTP listener.", source="tcp.smtp"
+    ),
     # qmail-remote and every DNS user
     ControlDoc("nameservers", "list", "DNS server queried: ", "."),
     ControlDoc("tlspolicy", "list", "TLS policy: "),
@@ -231,6 +239,12 @@ class _Show:
             text = "Modified recently enough; hopefully up to date."
         self.out.append(text + "\n")
 
+    def _newer(self, source: str, compiled: str) -> bool:
+        try:
+            return self.c.path(source).stat().st_mtime_ns > self.c.path(compiled).stat().st_mtime_ns
+        except OSError:
+            return False
+
     def extra(self, doc: ControlDoc) -> None:
         self.head(doc.name)
         try:
@@ -244,6 +258,8 @@ class _Show:
             elif doc.kind == "line":
                 value = self.c.line(doc.name) or ""
                 self.out.append(f"{doc.pre}{safeput(value)}{doc.post}\n")
+            elif doc.source is not None and self._newer(doc.source, doc.name):
+                self.out.append(f"Oops! {doc.name} is older than {doc.source}.\n")
             else:
                 self.out.append(f"{doc.pre}{doc.post}\n")
         except ControlError as e:
