@@ -6,6 +6,8 @@ import calendar
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pyqmail.addr822 import Kind, ParseError, Token, address_list, tokenize, unparse, unquote
 from pyqmail.control import write_control
@@ -693,7 +695,7 @@ def test_parse_args_getopt_rules() -> None:
 def test_tokenize_kinds_and_escapes() -> None:
     tokens = tokenize('a\\,b "q\\"t" [l\\]x] (c (n) d) <>@.,;:')
     assert tokens[:4] == [
-        Token(Kind.ATOM, "a,b"),
+        Token(Kind.QUOTE, "a,b"),  # an escaped special makes it a quoted string
         Token(Kind.QUOTE, 'q"t'),
         Token(Kind.LITERAL, "l]x"),
         Token(Kind.COMMENT, "c n d"),
@@ -712,3 +714,67 @@ def test_unparse_and_unquote_round_trip() -> None:
     assert unparse(out) == 'To: "a b" <x@[1.2.3.4]>(c)\n'
     assert unquote(tokenize('"a b"@[1.2.3.4] (c)')) == "a b@[1.2.3.4]"
     assert unparse([]) == "\n"
+
+
+# -- properties ----------------------------------------------------------------------------------
+
+_HEADERISH = st.text(alphabet=st.sampled_from(list('ab.@<>,;:()[]"\\ \t\n\u00e9-+')), max_size=60)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=400))
+def test_any_input_is_queued_or_refused_cleanly(raw: bytes) -> None:
+    try:
+        result = inject(raw, "-H")
+    except InjectFatal as e:
+        assert e.code == 100
+        return
+    assert result.message.endswith(b"\n") or result.message == b""
+    assert all("\0" not in r for r in result.recipients)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_HEADERISH, st.sampled_from(["To", "From", "Reply-To", "Bcc", "Return-Path"]))
+def test_any_address_field_is_refused_or_rewritten_to_a_valid_field(value: str, name: str) -> None:
+    try:
+        once = inject(f"{name}: {value}\n\n", "-h")
+    except InjectFatal as e:
+        assert e.code == 100 and e.text.startswith("unable to parse this line:\n")
+        return
+    fields = split_header(once.message)[0]
+    for text in fields:
+        assert text.endswith("\n")
+        # every line after a field's first is a continuation, so the header stays intact
+        assert all(line[:1] in (" ", "\t") for line in text[:-1].split("\n")[1:])
+    # and what came out can go in again
+    inject(("".join(fields) + "\n").encode("latin-1"), "-h")
+
+
+_WORD = st.text("abcXYZ019!#$%&'*+/=?^_`{|}~-", min_size=1, max_size=8)
+_DOTTED = st.lists(_WORD, min_size=1, max_size=3).map(".".join)
+_ADDRESS = st.one_of(
+    st.tuples(_DOTTED, st.one_of(st.none(), _DOTTED)).map(
+        lambda t: t[0] if t[1] is None else f"{t[0]}@{t[1]}"
+    ),
+    st.tuples(st.text('ab "(', min_size=1, max_size=6), _DOTTED).map(
+        lambda t: '"{}"@{}'.format(t[0].replace("\\", "\\\\").replace('"', '\\"'), t[1])
+    ),
+)
+_MAILBOX = st.one_of(
+    _ADDRESS,
+    st.tuples(st.lists(_WORD, min_size=1, max_size=3), _ADDRESS).map(
+        lambda t: " ".join(t[0]) + f" <{t[1]}>"
+    ),
+    st.tuples(_ADDRESS, _WORD).map(lambda t: f"{t[0]} ({t[1]})"),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_MAILBOX, min_size=1, max_size=12))
+def test_rewritten_address_lists_are_a_fixed_point(mailboxes: list[str]) -> None:
+    once = inject("To: " + ", ".join(mailboxes) + "\n\n")
+    assert len(once.recipients) == len(mailboxes)
+    fields = split_header(once.message)[0]
+    again = inject(("".join(fields) + "\n").encode("latin-1"))
+    assert split_header(again.message)[0] == fields
+    assert again.recipients == once.recipients

@@ -1,4 +1,4 @@
-"""RFC 822 header tokens and address lists, with qmail-inject's rules for reading and writing them.
+r"""RFC 822 header tokens and address lists, with qmail-inject's rules for reading and writing them.
 
 qmail-inject does not use a grammar-complete RFC 822 parser.  It splits a
 field into tokens (words, quoted strings, domain literals, comments and the
@@ -10,6 +10,12 @@ rules rather than relying on the `email` package, whose formatting differs.
 
 Text is handled as `str` whose code points are the original bytes (the
 caller decodes with latin-1), so 8-bit header bytes pass through unchanged.
+
+Two deliberate differences keep the output a valid header: a backslash just
+before a line end does not make the line end part of a word (qmail's does,
+and then writes a header line cut in two; an atom left empty by that is
+dropped), and an atom with an escaped special (`a\,b`) is written back as a
+quoted string (qmail writes the special bare).
 """
 
 from __future__ import annotations
@@ -60,6 +66,7 @@ _SPECIAL_KINDS = {
 _SPACE = frozenset(" \t\r\n")
 # characters that end an atom; `)` and `]` do not (they only make it a quoted string)
 _ATOM_STOP = frozenset(' \t\r\n(["<>;:@,.')
+_NOT_IN_ATOM = _ATOM_STOP | frozenset(")]\\")
 # characters written with a backslash inside quoted strings, literals and comments
 _ESCAPED = frozenset('"[]()\\\r\n')
 
@@ -141,6 +148,11 @@ def tokenize(text: str) -> list[Token]:
             out: list[str] = []
             while True:
                 if text[i] == "\\":
+                    if i + 1 < n and text[i + 1] == "\n":
+                        # qmail would put the line end into the word and write it back
+                        # where it breaks the header; here it stays folding whitespace
+                        i += 1
+                        break
                     i += 1
                     if i >= n:
                         break
@@ -148,9 +160,13 @@ def tokenize(text: str) -> list[Token]:
                 i += 1
                 if i >= n or text[i] in _ATOM_STOP:
                     break
+            if not out:
+                continue
             word = "".join(out)
-            # an atom holding characters an atom may not contain is written back quoted
-            if any(ord(ch) < 32 or ord(ch) > 126 or ch in ")]\\" for ch in word):
+            # an atom holding characters an atom may not contain (escaped, or 8-bit) is
+            # written back quoted; qmail does not do this for escaped specials such as
+            # `\:`, which then come out bare and no longer parse
+            if any(ord(ch) < 32 or ord(ch) > 126 or ch in _NOT_IN_ATOM for ch in word):
                 tokens.append(Token(Kind.QUOTE, word))
             else:
                 tokens.append(Token(Kind.ATOM, word))
