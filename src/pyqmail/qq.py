@@ -8,10 +8,14 @@ With $QMAILQUEUE the named program is exec'd from the qmail home, as qmail does.
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 from dataclasses import dataclass
 from pathlib import Path
+
+# imported here, not in the child: the forked qmail-queue must not pay for an import
+from .qmail_queue import invoked_how, run_child
 
 _TEXTS: dict[int, str] = {
     11: "Denvelope address too long for qq (#5.1.3)",
@@ -86,21 +90,22 @@ class QueueClient:
         msg_r, self._msg_w = os.pipe()
         env_r, self._env_w = os.pipe()
         program = os.environ.get("QMAILQUEUE")
+        # objects the parent already has go to the permanent generation, so the
+        # child's collector never walks (and copy-on-write copies) their pages
+        gc.freeze()
         pid = os.fork()
         if pid == 0:  # the child becomes qmail-queue
             code = 120
             try:
                 os.dup2(msg_r, 0)
                 os.dup2(env_r, 1)
-                for fd in (msg_r, env_r, self._msg_w, self._env_w):
-                    os.close(fd)
+                # nothing else of the caller's (the client's socket, above all) stays open
+                os.closerange(3, 65536)
                 for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
                     signal.signal(sig, signal.SIG_DFL)
                 os.chdir(self.home)
                 if program:
                     os.execv(program, [program])
-                from .qmail_queue import invoked_how, run_child
-
                 how = invoked or invoked_how(os.getuid())
                 code = run_child(self.home / "queue", how)
             except OSError as e:

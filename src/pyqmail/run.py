@@ -40,6 +40,14 @@ def _place_fds(fdmap: dict[int, int]) -> None:
             except OSError:
                 pass
     os.closerange(top, 65536)
+    # fds 0-2 are never left closed: a later pipe() would land there and be mistaken
+    # for stdin/stdout by code that wires fds 0 and 1 (qmail-queue's protocol)
+    for fd in range(3):
+        if fd not in keep:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
 
 
 def fork_child(body: Child, fdmap: dict[int, int]) -> int:
@@ -95,6 +103,7 @@ class Supervisor:
         defaultdelivery = ctl.line("defaultdelivery") or "./Maildir/"
         smtp = listen_addresses(ctl, "smtplisten", default_smtp())
         conc = ctl.integer("concurrencyincoming", 40, minimum=1)
+        per_ip = ctl.integer("concurrencyperip", 0)  # 0: no per-address limit, as tcpserver
         SendControls.load(home)
         for sub in ("send", "smtpd"):
             (home / "log" / sub).mkdir(parents=True, exist_ok=True)
@@ -150,9 +159,11 @@ class Supervisor:
                 smtp,
                 lambda fd, env: smtpd.handle_connection(home, fd, env),
                 limit=conc,
-                per_ip=max(1, conc // 2),
-                rules=rules if rules.exists() else None,
+                per_ip=per_ip,
+                rules=rules,
+                rules_missing_ok=True,
                 over_limit_banner=b"421 too many connections from your address (#4.3.2)\r\n",
+                nodelay=True,
             ),
             {2: smtpd_log[1]},
         )

@@ -11,6 +11,7 @@ new interpreter is started per delivery.
 from __future__ import annotations
 
 import errno
+import gc
 import os
 import select
 import signal
@@ -137,6 +138,9 @@ class Spawner:
                 self.answer(slot, b"Zqmail-spawn unable to create pipe. (#4.3.0)\n")
                 return
             try:
+                # objects the parent already has go to the permanent generation, so the
+                # child's collector never walks (and copy-on-write copies) their pages
+                gc.freeze()
                 pid = os.fork()
             except OSError:
                 os.close(rfd)

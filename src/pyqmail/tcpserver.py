@@ -439,6 +439,9 @@ class TCPServer:
         if self.rules is not None:
             rules = self.rules.current()
         try:
+            # objects the parent already has go to the permanent generation, so the
+            # child's collector never walks (and copy-on-write copies) their pages
+            gc.freeze()
             pid = os.fork()
         except OSError as exc:
             self._log(f"warning: unable to fork: {_errtext(exc)}")
