@@ -15,6 +15,7 @@ root, becomes the `qmailr` user (group `qmail`) if that account exists.
 from __future__ import annotations
 
 import argparse
+import gc
 import grp
 import os
 import pwd
@@ -84,8 +85,12 @@ def rspawn_deliver(home: Path | str) -> spawn.DeliverFn:
         pass  # without tcpto memory every host is simply tried
     drop_privileges()
     remote.warm()
+    # objects alive now are never collected: the collector then leaves their pages alone,
+    # so forked children share them instead of copying them
+    gc.freeze()
 
     def deliver(msg_fd: int, sender: str, recipient: str) -> int:
+        gc.disable()  # a short-lived child: collecting would only copy shared pages
         host = recipient[recipient.rfind("@") + 1 :]
         try:
             reports = remote.deliver(home, host, sender, [recipient], msg_fd)
