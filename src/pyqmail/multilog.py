@@ -50,8 +50,10 @@ from .constants import EXIT_TEMP
 from .fmt import tai64n_label
 from .queue import fsync_dir
 
-DEFAULT_SIZE = 99999
-DEFAULT_KEEP = 9
+# multilog's own defaults (s99999 n10) keep about 1 MB, a few thousand deliveries;
+# an MTA on today's disks should keep days of history, so: about 20 MB
+DEFAULT_SIZE = 1_000_000
+DEFAULT_KEEP = 20
 MIN_SIZE = 4096
 MAX_SIZE = 2147483647
 # multilog ends a file early rather than let the next line push it past the size
