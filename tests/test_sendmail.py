@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+import pyqmail
 from _inject_util import BIN, clean_env, qq_script, queue_is_empty, queued, run
 from pyqmail import sendmail
 from pyqmail.constants import SPLIT
@@ -210,9 +211,11 @@ def test_bs_without_smtpd_fails_cleanly(
     qmail_home: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setitem(sys.modules, "pyqmail.smtpd", None)  # makes the import fail
-    monkeypatch.delenv("PROTO", raising=False)
+    monkeypatch.delattr(pyqmail, "smtpd", raising=False)
     for name in sendmail.SMTPD_ENV:
-        monkeypatch.delenv(name, raising=False)
+        # set then delete, so monkeypatch restores "absent" after sendmail sets them
+        monkeypatch.setenv(name, "x")
+        monkeypatch.delenv(name)
     assert sendmail.run("sendmail", ["-bs"]) == 111
     assert capfd.readouterr().err == "sendmail: fatal: unable to run qmail-smtpd\n"
     assert os.environ["TCPREMOTEINFO"] == "sendmail-bs"
