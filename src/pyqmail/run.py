@@ -103,6 +103,7 @@ class Supervisor:
         defaultdelivery = ctl.line("defaultdelivery") or "./Maildir/"
         smtp = listen_addresses(ctl, "smtplisten", default_smtp())
         conc = ctl.integer("concurrencyincoming", 40, minimum=1)
+        me = ctl.me or default_me()
         per_ip = ctl.integer("concurrencyperip", 0)  # 0: no per-address limit, as tcpserver
         SendControls.load(home)
         for sub in ("send", "smtpd"):
@@ -164,6 +165,8 @@ class Supervisor:
                 rules_missing_ok=True,
                 over_limit_banner=b"421 too many connections from your address (#4.3.2)\r\n",
                 nodelay=True,
+                # as `tcpserver -l "$(cat control/me)"`: no lookup, and Received names us
+                local_name=me,
             ),
             {2: smtpd_log[1]},
         )

@@ -1,0 +1,157 @@
+"""The SMTP front door of a running MTA, end to end to the Maildir, with real clients."""
+
+from __future__ import annotations
+
+import mailbox
+import shutil
+import smtplib
+import socket
+import subprocess
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from _mta import MTA, add_user, maildir_count, queue_empty, wait_for
+
+SMTP_SOURCE = shutil.which("smtp-source") or "/usr/sbin/smtp-source"
+
+
+def need(tool: str) -> None:
+    if not Path(tool).exists() and shutil.which(tool) is None:
+        pytest.skip(f"{tool} is not installed (Debian package: see README)")
+
+
+@pytest.fixture
+def mta(qmail_home: Path) -> MTA:
+    with MTA(qmail_home) as running:
+        yield running
+
+
+def test_smtplib_to_maildir(qmail_home: Path, mta: MTA) -> None:
+    bob = add_user(qmail_home, "bob@example.test")
+    with smtplib.SMTP("127.0.0.1", mta.smtp_port, timeout=30) as s:
+        code, text = s.ehlo("client.test")
+        assert code == 250 and b"PIPELINING" in text and b"8BITMIME" in text
+        s.sendmail(
+            "joe@far.test",
+            ["bob@example.test"],
+            b"From: joe@far.test\r\nSubject: over smtp\r\n\r\nline one\r\n.dot line\r\n",
+        )
+    wait_for(lambda: maildir_count(bob / "Maildir") == 1, what="delivery")
+    (m,) = list(mailbox.Maildir(bob / "Maildir", create=False))
+    assert m["Subject"] == "over smtp"
+    assert m["Return-Path"] == "<joe@far.test>"
+    received = m.get_all("Received")
+    assert received[0].startswith("(qmail ")  # qmail-queue's own line comes first
+    assert "by mx.example.test with ESMTP" in received[1]
+    assert m.get_payload() == "line one\n.dot line\n"
+
+
+def test_swaks_to_maildir_and_relay_refused_for_strangers(qmail_home: Path, mta: MTA) -> None:
+    need("swaks")
+    bob = add_user(qmail_home, "bob@example.test")
+    ok = subprocess.run(
+        [
+            "swaks",
+            "--server",
+            f"127.0.0.1:{mta.smtp_port}",
+            "--to",
+            "bob@example.test",
+            "--from",
+            "joe@far.test",
+            "--header",
+            "Subject: via swaks",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert ok.returncode == 0, ok.stdout
+    wait_for(lambda: maildir_count(bob / "Maildir") == 1, what="delivery")
+    # 127.0.0.2 is not this machine's relay address in tcp.smtp: no relaying for it
+    relay = subprocess.run(
+        [
+            "swaks",
+            "--server",
+            f"127.0.0.1:{mta.smtp_port}",
+            "--local-interface",
+            "127.0.0.2",
+            "--to",
+            "x@elsewhere.test",
+            "--from",
+            "joe@far.test",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert relay.returncode != 0
+    assert "<** 553 5.7.1 sorry, that domain isn't in my list of allowed rcpthosts" in relay.stdout
+
+
+def test_relay_allowed_from_this_machine_by_rules(qmail_home: Path, mta: MTA) -> None:
+    with smtplib.SMTP("127.0.0.1", mta.smtp_port, timeout=30) as s:
+        s.ehlo()
+        s.mail("joe@example.test")
+        code, _ = s.rcpt("someone@elsewhere.test")
+        assert code == 250
+        s.rset()
+
+
+def test_smtp_source_1000_messages_20_sessions(qmail_home: Path, mta: MTA) -> None:
+    need(SMTP_SOURCE)
+    bob = add_user(qmail_home, "bob@example.test")
+    r = subprocess.run(
+        [
+            SMTP_SOURCE,
+            "-s",
+            "20",
+            "-m",
+            "1000",
+            "-l",
+            "5000",
+            "-f",
+            "joe@far.test",
+            "-t",
+            "bob@example.test",
+            f"127.0.0.1:{mta.smtp_port}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr
+    wait_for(lambda: maildir_count(bob / "Maildir") >= 1000, timeout=600, what="1000 deliveries")
+    wait_for(lambda: queue_empty(qmail_home), timeout=60, what="queue to empty")
+    time.sleep(0.5)
+    box = mailbox.Maildir(bob / "Maildir", create=False)
+    qps = Counter()
+    for m in box:
+        # the qmail-queue pid in the first Received line tells messages apart
+        qps[m.get_all("Received")[0]] += 1
+    assert len(box) == 1000
+    assert max(qps.values()) == 1, "a message was delivered twice"
+
+
+def test_flood_beyond_concurrency_limit(qmail_home: Path) -> None:
+    (qmail_home / "control" / "concurrencyincoming").write_text("3\n")
+    with MTA(qmail_home) as mta:
+        held = []
+        try:
+            for _ in range(3):
+                s = socket.create_connection(("127.0.0.1", mta.smtp_port), timeout=10)
+                assert s.recv(512).startswith(b"220 ")
+                held.append(s)
+            extra = socket.create_connection(("127.0.0.1", mta.smtp_port), timeout=10)
+            extra.settimeout(1.0)
+            with pytest.raises(TimeoutError):
+                extra.recv(512)  # waits in the backlog: no greeting while 3 are served
+            held.pop().close()
+            extra.settimeout(10)
+            assert extra.recv(512).startswith(b"220 ")
+            extra.close()
+        finally:
+            for s in held:
+                s.close()
