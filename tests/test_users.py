@@ -202,13 +202,13 @@ def test_getpw_prefix_rules(
     os.chown(joe_home, uid, -1)
     roothome = tmp_path / "root"
     roothome.mkdir()
-    stranger = tmp_path / "stranger"  # owned by someone else: not a mail user
+    stranger = tmp_path / "stranger"  # owned by someone other than ann: not a mail user
     stranger.mkdir()
-    os.chown(stranger, uid + 1, -1)
+    os.chown(stranger, uid, -1)
     accounts = {
         "joe": pwd.struct_passwd(("joe", "x", uid, 77, "", str(joe_home), "/bin/sh")),
         "toor": pwd.struct_passwd(("toor", "x", 0, 0, "", str(roothome), "/bin/sh")),
-        "ann": pwd.struct_passwd(("ann", "x", uid, 77, "", str(stranger), "/bin/sh")),
+        "ann": pwd.struct_passwd(("ann", "x", uid + 1, 77, "", str(stranger), "/bin/sh")),
         "a" * 31: pwd.struct_passwd(("a" * 31, "x", uid, 77, "", str(joe_home), "/bin/sh")),
         "b" * 32: pwd.struct_passwd(("b" * 32, "x", uid, 77, "", str(joe_home), "/bin/sh")),
     }
