@@ -486,7 +486,7 @@ def test_kill_qmail_queue_during_injection(qmail_home: Path) -> None:
             else:
                 inject_program_killed(queue, ident, rng, kind == "mid-envelope", log)
         wait_drained(mta, 60)
-        copies = delivered(bob / "")
+        copies = delivered(bob)
         by_id = Counter(c.ident for c in copies)
         why = f"seed {seed}, outcomes {dict(log.outcomes)}"
         assert [c for c in copies if not c.intact] == [], f"truncated copies; {why}"
@@ -499,10 +499,10 @@ def test_kill_qmail_queue_during_injection(qmail_home: Path) -> None:
         assert log.outcomes["race: killed"] > 0 and log.outcomes["race: finished first"] > 0, why
         assert log.precommit, why
 
-        # leftovers of killed injections: only message bodies, envelopes being
-        # written, and pid names; never todo, info or channel files
         # a finished message's mess file goes a moment after its info: stop qmail-send
-        # (which waits for qmail-clean) before looking at what is left
+        # (which waits for qmail-clean) before looking at what is left.  Killed
+        # injections may leave only message bodies, envelopes being written and pid
+        # names; never todo, info or channel files
         mta.stop()
         leftovers = queue_files(qmail_home)
         kinds = leftover_kinds(qmail_home, leftovers)
