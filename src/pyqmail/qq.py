@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import os
 import signal
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,6 +94,9 @@ class QueueClient:
         # objects the parent already has go to the permanent generation, so the
         # child's collector never walks (and copy-on-write copies) their pages
         gc.freeze()
+        # unwritten stdio output would otherwise be written again by the child
+        sys.stdout.flush()
+        sys.stderr.flush()
         pid = os.fork()
         if pid == 0:  # the child becomes qmail-queue
             code = 120

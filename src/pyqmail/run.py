@@ -51,6 +51,9 @@ def _place_fds(fdmap: dict[int, int]) -> None:
 
 
 def fork_child(body: Child, fdmap: dict[int, int]) -> int:
+    # unwritten stdio output would otherwise be written again by the child
+    sys.stdout.flush()
+    sys.stderr.flush()
     pid = os.fork()
     if pid:
         return pid

@@ -141,6 +141,9 @@ class Spawner:
                 # objects the parent already has go to the permanent generation, so the
                 # child's collector never walks (and copy-on-write copies) their pages
                 gc.freeze()
+                # unwritten stdio output would otherwise be written again by the child
+                sys.stdout.flush()
+                sys.stderr.flush()
                 pid = os.fork()
             except OSError:
                 os.close(rfd)
@@ -159,6 +162,7 @@ class Spawner:
     def child(self, msg_fd: int, wfd: int, sender: str, recipient: str) -> None:
         code = 111
         try:
+            signal.set_wakeup_fd(-1)
             # SIGINT stays ignored: a Ctrl-C at `pyqmail run`'s terminal reaches the
             # whole process group, and must not kill deliveries half way
             for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD, signal.SIGALRM):
@@ -227,19 +231,30 @@ class Spawner:
             self.answer(ch.slot, self.report(ch.status, bytes(ch.output)))
 
     def run(self) -> int:
+        # a child's exit wakes the select at once (SIGCHLD through the wakeup pipe)
+        wake_r, wake_w = os.pipe()
+        os.set_blocking(wake_r, False)
+        os.set_blocking(wake_w, False)
+        signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+        signal.signal(signal.SIGCHLD, lambda signum, frame: None)
         os.write(self.result_fd, bytes([SPAWN]))
         reading = True
         while reading or self.children:
-            fds = [ch.fd for ch in self.children.values() if not ch.eof]
+            fds = [ch.fd for ch in self.children.values() if not ch.eof] + [wake_r]
             if reading:
                 fds.append(self.cmd_fd)
-            waiting_reap = any(ch.eof and ch.status is None for ch in self.children.values())
             try:
-                ready, _, _ = select.select(fds, [], [], 0.05 if waiting_reap else 1.0)
+                ready, _, _ = select.select(fds, [], [], 1.0)
             except InterruptedError:
                 ready = []
             for fd in ready:
-                if fd == self.cmd_fd:
+                if fd == wake_r:
+                    try:
+                        while os.read(wake_r, 512):
+                            pass
+                    except OSError:
+                        pass
+                elif fd == self.cmd_fd:
                     try:
                         data = os.read(self.cmd_fd, _READ)
                     except InterruptedError:
