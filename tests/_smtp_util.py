@@ -144,7 +144,12 @@ def queued(home: Path) -> list[tuple[str, list[str], bytes]]:
     """Every message committed to queue/todo: (sender, recipients, message bytes)."""
     found = []
     todo = home / "queue" / "todo"
-    for entry in sorted(todo.iterdir(), key=lambda p: int(p.name)):
+    # in the order they were queued: inode numbers are not, qmail-queue's pids are
+    # (within one test; p<pid> is the second record of the envelope)
+    def queued_order(p: Path) -> int:
+        return int(p.read_bytes().split(b"\0")[1][1:])
+
+    for entry in sorted(todo.iterdir(), key=queued_order):
         n = int(entry.name)
         fields = entry.read_bytes().split(b"\0")
         sender = ""
