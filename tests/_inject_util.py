@@ -92,7 +92,8 @@ def queued(home: Path) -> list[Queued]:
     """Every committed message (queue/todo), oldest commit first (inodes get reused)."""
     todo = home / "queue" / "todo"
     found = []
-    for entry in sorted(todo.iterdir(), key=lambda p: (p.stat().st_mtime_ns, int(p.name))):
+    # in queueing order: qmail-queue's pid (the p record) grows, inode numbers need not
+    for entry in sorted(todo.iterdir(), key=lambda p: int(p.read_bytes().split(b"\0")[1][1:])):
         n = int(entry.name)
         parts = entry.read_bytes().split(b"\0")
         assert parts[0].startswith(b"u") and parts[1].startswith(b"p")

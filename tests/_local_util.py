@@ -129,7 +129,10 @@ def queued(home: Path) -> list[Queued]:
     """Every message waiting in queue/todo, with its envelope."""
     out = []
     todo = home / "queue" / "todo"
-    for name in sorted(os.listdir(todo)):
+    # in queueing order: qmail-queue's pid (the p record) grows, inode numbers need not
+    for name in sorted(
+        os.listdir(todo), key=lambda n: int((todo / n).read_bytes().split(b"\0")[1][1:])
+    ):
         n = int(name)
         env = (todo / name).read_bytes().split(b"\0")
         sender = ""
