@@ -82,7 +82,9 @@ class MTA:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        wait_for(lambda: "status: local" in self.log(), 20, "qmail-send to start")
+        started = time.time() - 1
+        # a restart finds the previous run's lines in the log: wait for a fresh one
+        wait_for(lambda: self.logged_since(started, "status: local"), 20, "qmail-send to start")
         return self
 
     def log(self) -> str:
@@ -90,6 +92,15 @@ class MTA:
             return (self.home / "log" / "send" / "current").read_text(errors="replace")
         except OSError:
             return ""
+
+    def logged_since(self, since: float, text: str) -> bool:
+        """True once a log line stamped at or after `since` contains `text`."""
+        for line in self.log().splitlines():
+            if text in line and line.startswith("@") and len(line) > 25:
+                stamp = int(line[1:17], 16) - 0x400000000000000A
+                if stamp >= int(since):
+                    return True
+        return False
 
     def trigger(self) -> None:
         fd = os.open(self.home / "queue" / "lock" / "trigger", os.O_WRONLY | os.O_NONBLOCK)

@@ -137,9 +137,12 @@ def test_run_on_the_default_home_creates_it(tmp_path: Path) -> None:
     )
     try:
         wait_for(lambda: (home / "log" / "send" / "current").exists(), what="the default home")
-    finally:
         proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=30)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:  # never leave a server behind, even when the test fails
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
     assert proc.returncode == 0, out
     assert f"created a new qmail home at {home}" in out
     assert "pyqmail running: home" in out

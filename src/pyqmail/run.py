@@ -22,6 +22,8 @@ from .control import Control, ControlError, SendControls
 
 Child = Callable[[], int]
 
+_CONTROL_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGALRM}
+
 
 def _place_fds(fdmap: dict[int, int]) -> None:
     """In a child: make fd `target` a copy of fd `source` for each pair; close all others."""
@@ -61,6 +63,7 @@ def fork_child(body: Child, fdmap: dict[int, int]) -> int:
     try:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, signal.SIGALRM):
             signal.signal(sig, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _CONTROL_SIGNALS)
         _place_fds(fdmap)
         if 2 in fdmap:
             sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115
@@ -238,14 +241,17 @@ def run(home: Path, out: Callable[[str], None] = print) -> int:
     signal.signal(signal.SIGHUP, sup.on_hup)
     signal.signal(signal.SIGALRM, sup.on_alrm)
     sys.stdout.flush()
+    # a TERM/HUP that comes while children are being started waits until all of them
+    # exist, so it reaches every one of them
+    signal.pthread_sigmask(signal.SIG_BLOCK, _CONTROL_SIGNALS)
     try:
         sup.start()
     except BaseException:
         sup.on_term(signal.SIGTERM, None)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _CONTROL_SIGNALS)
         sup.wait()
         raise
-    if sup.stopping:  # a TERM that came while children were still being started
-        sup.on_term(signal.SIGTERM, None)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _CONTROL_SIGNALS)
     sys.stdout.flush()
     code = sup.wait()
     out(f"pyqmail stopped at {time.strftime('%Y-%m-%d %H:%M:%S')}")
