@@ -332,6 +332,7 @@ def main() -> int:
     smtp_source = find_smtp_source()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="smtp-bench-", dir="/var/tmp"))
     work.mkdir(parents=True, exist_ok=True)
+    os.chmod(work, 0o755)  # Postfix daemons run as the postfix user and must reach their dirs
     log(f"work directory: {work}")
 
     pyqmail = Pyqmail("pyqmail", args.pyqmail_port, work)
