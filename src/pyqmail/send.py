@@ -37,7 +37,7 @@ from .control import ControlError, SendControls, domain_suffixes
 from .fmt import quote, quote2, rfc822_date, safe
 from .home import HOME_HELP, resolve_home
 from .qq import QueueClient
-from .queue import fsync_dir
+from .queue import fsync_dir, rel
 
 LOCAL, REMOTE = 0, 1
 CHANNEL_NAMES = ("local", "remote")
@@ -258,15 +258,7 @@ class QmailSend:
     # -- paths ----------------------------------------------------------------------
 
     def path(self, kind: str, n: int) -> str:
-        if kind in ("mess", "info", "local", "remote"):
-            return f"{self.queue}/{kind}/{n % SPLIT}/{n}"
-        return f"{self.queue}/{kind}/{n}"
-
-    @staticmethod
-    def rel(kind: str, n: int) -> str:
-        if kind in ("mess", "info", "local", "remote"):
-            return f"{kind}/{n % SPLIT}/{n}"
-        return f"{kind}/{n}"
+        return f"{self.queue}/{rel(kind, n)}"
 
     # -- qmail-clean ----------------------------------------------------------------
 
@@ -336,7 +328,7 @@ class QmailSend:
             except FileNotFoundError:
                 continue
             except OSError:
-                self.log(f"warning: unable to stat {self.rel(kind, n)}; will try again later")
+                self.log(f"warning: unable to stat {rel(kind, n)}; will try again later")
                 self.stat_retries.append((now + SLEEP_SYSFAIL, n))
                 return
             found = True
@@ -367,7 +359,7 @@ class QmailSend:
                 self.todo.append(int(name))
 
     def preprocess(self, n: int) -> None:
-        todo_rel = self.rel("todo", n)
+        todo_rel = rel("todo", n)
         try:
             with open(self.path("todo", n), "rb") as f:
                 data = f.read()
@@ -379,7 +371,7 @@ class QmailSend:
         try:
             size = os.stat(self.path("mess", n)).st_size
         except OSError:
-            self.log(f"warning: unable to stat {self.rel('mess', n)}")
+            self.log(f"warning: unable to stat {rel('mess', n)}")
             return
         for kind in ("local", "remote", "info"):
             try:
@@ -387,7 +379,7 @@ class QmailSend:
             except FileNotFoundError:
                 pass
             except OSError:
-                self.log(f"warning: unable to unlink {self.rel(kind, n)}")
+                self.log(f"warning: unable to unlink {rel(kind, n)}")
                 return
         for ch in self.channels:
             ch.scheduled.pop(n, None)
@@ -423,7 +415,7 @@ class QmailSend:
                     kind = CHANNEL_NAMES[ch.index]
                     self.write_synced(kind, n, bytes(channel_data[ch.index]))
                     written.append(kind)
-            for kind in {k: None for k in written if k != "info"} | {"info": None}:
+            for kind in written:
                 fsync_dir(f"{self.queue}/{kind}/{n % SPLIT}")
         except OSError:
             return  # todo stays; retried on the next scan
@@ -439,7 +431,7 @@ class QmailSend:
             self.done_checks.append((now, n))
 
     def write_synced(self, kind: str, n: int, data: bytes) -> None:
-        rel = self.rel(kind, n)
+        rel = rel(kind, n)
         try:
             fd = os.open(self.path(kind, n), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         except OSError:
@@ -465,7 +457,7 @@ class QmailSend:
 
     def open_pass(self, ch: Channel, n: int, now: float) -> None:
         kind = CHANNEL_NAMES[ch.index]
-        rel = self.rel(kind, n)
+        rel = rel(kind, n)
         try:
             with open(self.path(kind, n), "rb") as f:
                 data = f.read()
@@ -481,7 +473,7 @@ class QmailSend:
                 info = f.read()
                 birth = os.fstat(f.fileno()).st_mtime
         except OSError:
-            self.log(f"warning: trouble opening {self.rel('info', n)}; will try again later")
+            self.log(f"warning: trouble opening {rel('info', n)}; will try again later")
             ch.schedule(n, now + SLEEP_SYSFAIL)
             return
         sender = info[1:].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
@@ -646,8 +638,7 @@ class QmailSend:
         except OSError:
             kind = CHANNEL_NAMES[d.job.channel]
             self.log(
-                f"warning: trouble marking {self.rel(kind, d.msg)}; "
-                "message will be delivered twice!"
+                f"warning: trouble marking {rel(kind, d.msg)}; message will be delivered twice!"
             )
 
     def maybe_finish_job(self, ch: Channel, job: Job) -> None:
@@ -662,9 +653,7 @@ class QmailSend:
             except FileNotFoundError:
                 pass
             except OSError:
-                self.log(
-                    f"warning: unable to unlink {self.rel(kind, job.msg)}; will try again later"
-                )
+                self.log(f"warning: unable to unlink {rel(kind, job.msg)}; will try again later")
                 ch.schedule(job.msg, now + SLEEP_SYSFAIL)
                 return
             other = CHANNEL_NAMES[1 - ch.index]
@@ -691,7 +680,7 @@ class QmailSend:
         except FileNotFoundError:
             pass
         except OSError:
-            self.log(f"warning: unable to unlink {self.rel('info', n)}; will try again later")
+            self.log(f"warning: unable to unlink {rel('info', n)}; will try again later")
             return False
         return self.clean(f"foop/{n}")
 
@@ -703,14 +692,14 @@ class QmailSend:
                 report = f.read()
             mess = open(self.path("mess", n), "rb")  # noqa: SIM115 - streamed below
         except OSError:
-            self.log(f"warning: unable to stat {self.rel('bounce', n)}")
+            self.log(f"warning: unable to stat {rel('bounce', n)}")
             return False
         with mess:
             sender = info[1:].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
             if sender.endswith("-@[]"):
                 sender = sender[:-4]
             if sender == "#@[]":
-                self.log(f"triple bounce: discarding {self.rel('bounce', n)}")
+                self.log(f"triple bounce: discarding {rel('bounce', n)}")
             else:
                 ctl = self.ctl
                 if sender:
@@ -761,7 +750,7 @@ class QmailSend:
         try:
             os.unlink(self.path("bounce", n))
         except OSError:
-            self.log(f"warning: unable to unlink {self.rel('bounce', n)}")
+            self.log(f"warning: unable to unlink {rel('bounce', n)}")
             return False
         return True
 
@@ -845,8 +834,7 @@ class QmailSend:
                     pass
                 except OSError:
                     self.log(
-                        f"warning: unable to utime {self.rel(kind, n)}; "
-                        "message will be retried too soon"
+                        f"warning: unable to utime {rel(kind, n)}; message will be retried too soon"
                     )
 
     # -- main loop ------------------------------------------------------------------
