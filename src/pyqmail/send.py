@@ -431,11 +431,11 @@ class QmailSend:
             self.done_checks.append((now, n))
 
     def write_synced(self, kind: str, n: int, data: bytes) -> None:
-        rel = rel(kind, n)
+        fname = rel(kind, n)
         try:
             fd = os.open(self.path(kind, n), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         except OSError:
-            self.log(f"warning: unable to create {rel}")
+            self.log(f"warning: unable to create {fname}")
             raise
         try:
             try:
@@ -443,12 +443,12 @@ class QmailSend:
                 while view:
                     view = view[os.write(fd, view) :]
             except OSError:
-                self.log(f"warning: trouble writing to {rel}")
+                self.log(f"warning: trouble writing to {fname}")
                 raise
             try:
                 os.fsync(fd)
             except OSError:
-                self.log(f"warning: trouble fsyncing {rel}")
+                self.log(f"warning: trouble fsyncing {fname}")
                 raise
         finally:
             os.close(fd)
@@ -457,7 +457,7 @@ class QmailSend:
 
     def open_pass(self, ch: Channel, n: int, now: float) -> None:
         kind = CHANNEL_NAMES[ch.index]
-        rel = rel(kind, n)
+        fname = rel(kind, n)
         try:
             with open(self.path(kind, n), "rb") as f:
                 data = f.read()
@@ -465,7 +465,7 @@ class QmailSend:
             self.done_checks.append((now, n))
             return
         except OSError:
-            self.log(f"warning: trouble opening {rel}; will try again later")
+            self.log(f"warning: trouble opening {fname}; will try again later")
             ch.schedule(n, now + SLEEP_SYSFAIL)
             return
         try:
@@ -483,14 +483,14 @@ class QmailSend:
         while pos < len(data):
             end = data.find(b"\0", pos)
             if end < 0:
-                self.log(f"warning: trouble reading {rel}; will try again later")
+                self.log(f"warning: trouble reading {fname}; will try again later")
                 bad = True
                 break
             letter = data[pos : pos + 1]
             if letter == b"T":
                 records.append((pos, data[pos + 1 : end].decode("utf-8", "surrogateescape")))
             elif letter != b"D":
-                self.log(f"warning: unknown record type in {rel}!")
+                self.log(f"warning: unknown record type in {fname}!")
             pos = end + 1
         job = Job(
             msg=n,
