@@ -34,6 +34,9 @@ def make_maildir(path: str | os.PathLike[str], mode: int = 0o700) -> Path:
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     os.umask(0o077)
+    if args[:1] in (["-h"], ["--help"]):
+        print(USAGE.split(": ", 1)[-1] + "\n  makes the maildir `name` with tmp/, new/ and cur/")
+        sys.exit(0)
     if not args or not args[0]:
         sys.stderr.write(USAGE + "\n")
         sys.exit(100)

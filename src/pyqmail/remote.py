@@ -408,6 +408,13 @@ def deliver(
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     home_arg = None
+    if args in (["-h"], ["--help"]):
+        print(
+            "usage: qmail-remote [--home DIR] host sender recip [recip ...]\n"
+            "  delivers the message on fd 0 by SMTP; writes qmail's r/h/s and K/Z/D reports\n"
+            "  (each ended by NUL) on fd 1 and always exits 0"
+        )
+        return 0
     if len(args) >= 2 and args[0] == "--home":
         home_arg = args[1]
         args = args[2:]
