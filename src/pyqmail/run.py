@@ -259,5 +259,8 @@ def run(home: Path, out: Callable[[str], None] = print) -> int:
 
 
 def default_me() -> str:
-    name = socket.getfqdn() or socket.gethostname() or "localhost"
+    """This host's name for control/me: the FQDN, else the plain host name."""
+    name = socket.getfqdn()
+    if not name or name.startswith("localhost"):
+        name = socket.gethostname() or "localhost"
     return name.lower()
