@@ -778,3 +778,15 @@ def test_rewritten_address_lists_are_a_fixed_point(mailboxes: list[str]) -> None
     again = inject(("".join(fields) + "\n").encode("latin-1"))
     assert split_header(again.message)[0] == fields
     assert again.recipients == once.recipients
+
+
+def test_dotless_host_equal_to_defaultdomain_is_kept() -> None:
+    from pyqmail.addr822 import tokenize, unparse
+    from pyqmail.inject import InjectControls, Rewriter
+
+    rw = Rewriter(
+        InjectControls(defaultdomain="vm", defaulthost="vm", plusdomain="vm", idhost="vm")
+    )
+    assert unparse(rw(tokenize("bob@vm"))).strip() == "bob@vm"
+    assert unparse(rw(tokenize("bob"))).strip() == "bob@vm"
+    assert unparse(rw(tokenize("bob@other"))).strip() == "bob@other.vm"

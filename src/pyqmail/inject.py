@@ -332,6 +332,7 @@ class Rewriter:
     def __init__(self, controls: InjectControls) -> None:
         self.host = _parse_or_die("@" + _inner(controls.defaulthost))
         self.domain = _parse_or_die("." + _inner(controls.defaultdomain))
+        self.domain_name = controls.defaultdomain.lower()
         self.plus = _parse_or_die("." + _inner(controls.plusdomain))
 
     def __call__(self, addr: list[Token]) -> list[Token]:
@@ -370,6 +371,10 @@ class Rewriter:
                 break
             if tok.kind is Kind.DOT or tok.kind is Kind.LITERAL:
                 return a
+        # a machine whose own name has no dot (me = `vm`, so defaultdomain = `vm` too):
+        # `bob@vm` must stay `bob@vm`, never become `bob@vm.vm`
+        if a[-1].kind is Kind.ATOM and a[-1].text.lower() == self.domain_name:
+            return a
         return a + self.domain
 
     def field(self, text: str, found: list[str]) -> str:
