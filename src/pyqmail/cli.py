@@ -46,7 +46,9 @@ def _ensure_default_home(home: Path) -> int:
     settings = HomeSettings(me=me, locals=list(dict.fromkeys([me, "localhost"])))
     create_home(home, settings)
     print(f"pyqmail: created a new qmail home at {home} for host {me}")
-    print(f"  local domains: {', '.join(settings.locals)}; mail for postmaster goes to {home}/alias/Maildir/")
+    print(
+        f"  local domains: {', '.join(settings.locals)}; mail for postmaster goes to {home}/alias/Maildir/"
+    )
     print(f"  add a mailbox:  pyqmail user add you@{me}")
     return 0
 

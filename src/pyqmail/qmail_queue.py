@@ -13,6 +13,7 @@ import pwd
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
@@ -40,7 +41,9 @@ QQ_ENVELOPE = 91
 _CHUNK = 65536
 
 
-class _Exit(Exception):
+class QueueExit(Exception):
+    """A qmail-queue exit code, raised where qmail-queue would exit."""
+
     def __init__(self, code: int) -> None:
         self.code = code
 
@@ -64,7 +67,7 @@ def _read(fd: int, n: int) -> bytes:
     try:
         return os.read(fd, n)
     except OSError:
-        raise _Exit(QQ_READ) from None
+        raise QueueExit(QQ_READ) from None
 
 
 def _write_all(fd: int, data: bytes | memoryview) -> None:
@@ -73,11 +76,11 @@ def _write_all(fd: int, data: bytes | memoryview) -> None:
         while view:
             view = view[os.write(fd, view) :]
     except OSError:
-        raise _Exit(QQ_WRITE) from None
+        raise QueueExit(QQ_WRITE) from None
 
 
 def _read_envelope(fd: int) -> bytes:
-    """Validate the envelope and return what goes into intd after `u` and `p`."""
+    """Read the envelope from fd to its end; returns what goes into intd after `u` and `p`."""
     data = bytearray()
     while True:
         chunk = _read(fd, _CHUNK)
@@ -85,125 +88,183 @@ def _read_envelope(fd: int) -> bytes:
             break
         data += chunk
         if len(data) > 64 * 1024 * 1024:
-            raise _Exit(QQ_NOMEM)
+            raise QueueExit(QQ_NOMEM)
+    return check_envelope(data)
+
+
+def check_envelope(data: bytes | bytearray) -> bytes:
+    """Validate a whole envelope; returns what goes into intd after `u` and `p`."""
     if not data:
-        raise _Exit(QQ_READ)
+        raise QueueExit(QQ_READ)
     if data[0:1] != b"F":
-        raise _Exit(QQ_ENVELOPE)
+        raise QueueExit(QQ_ENVELOPE)
     out = bytearray()
     pos = 0
     first = True
     while True:
         if pos >= len(data):
-            raise _Exit(QQ_READ)
+            raise QueueExit(QQ_READ)
         letter = data[pos : pos + 1]
         if not first:
             if letter == b"\0":
                 return bytes(out)
             if letter != b"T":
-                raise _Exit(QQ_ENVELOPE)
+                raise QueueExit(QQ_ENVELOPE)
         first = False
         end = data.find(b"\0", pos + 1)
         if end < 0:
             # the address never ended: too long if it is already over the limit
             if len(data) - pos - 1 > ADDRESS_LIMIT:
-                raise _Exit(QQ_ADDR_TOO_LONG)
-            raise _Exit(QQ_READ)
+                raise QueueExit(QQ_ADDR_TOO_LONG)
+            raise QueueExit(QQ_READ)
         if end - pos - 1 > ADDRESS_LIMIT:
-            raise _Exit(QQ_ADDR_TOO_LONG)
+            raise QueueExit(QQ_ADDR_TOO_LONG)
         out += data[pos : end + 1]
         pos = end + 1
 
 
-def enqueue(queue: Path, msg_fd: int, env_fd: int, how: str, uid: int | None = None) -> int:
-    """Run qmail-queue's algorithm against `queue`; returns qmail-queue's exit code."""
-    pid = os.getpid()
-    start = time.time()
-    real_uid = os.getuid() if uid is None else uid
-    received = received_line(pid, how, start)
-    old_umask = os.umask(0o033)
-    made: list[str] = []  # files only write/read failures may remove (as qmail)
-    try:
+class Enqueuer:
+    """qmail-queue's algorithm in steps, so a caller can stream a message into the queue.
+
+    begin() makes the pid file and the mess file and writes the Received line;
+    write() appends message bytes; commit() makes it durable and links it into
+    todo; abort() removes what was made.  Each returns or raises qmail-queue's
+    exit code (as QueueExit).  qmail-queue itself and callers that run as the queue's
+    owner (qmail-smtpd in a single-user install) share this code, so the commit
+    order and the crash-safety argument are the same for both.
+    """
+
+    def __init__(self, queue: Path, how: str, uid: int | None = None) -> None:
+        self.queue = queue
+        self.how = how
+        self.pid = os.getpid()
+        self.uid = os.getuid() if uid is None else uid
+        self.fd = -1
+        self.inode = 0
+        self.made: list[str] = []  # files only write/read failures may remove (as qmail)
+
+    def begin(self) -> None:
+        queue = self.queue
+        start = time.time()
         try:
             os.stat(queue)
         except OSError:
-            return QQ_QUEUE
-        pidfn = ""
-        for seq in range(1, 10):
-            candidate = f"{queue}/pid/{pid}.{int(start)}.{seq}"
-            try:
-                fd = os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            except FileExistsError:
-                continue
-            except OSError:
-                return QQ_PID
-            pidfn = candidate
-            break
-        else:
-            return QQ_PID
+            raise QueueExit(QQ_QUEUE) from None
+        old_umask = os.umask(0o033)
         try:
-            n = os.fstat(fd).st_ino
+            for seq in range(1, 10):
+                pidfn = f"{queue}/pid/{self.pid}.{int(start)}.{seq}"
+                try:
+                    fd = os.open(pidfn, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                except FileExistsError:
+                    continue
+                except OSError:
+                    raise QueueExit(QQ_PID) from None
+                break
+            else:
+                raise QueueExit(QQ_PID)
+        finally:
+            os.umask(old_umask)
+        self.fd = fd
+        try:
+            self.inode = n = os.fstat(fd).st_ino
             messfn = f"{queue}/mess/{n % SPLIT}/{n}"
-            intdfn = f"{queue}/intd/{n}"
-            todofn = f"{queue}/todo/{n}"
             try:
                 os.link(pidfn, messfn)
             except OSError:
-                return QQ_MESS
+                raise QueueExit(QQ_MESS) from None
             try:
                 os.unlink(pidfn)
             except OSError:
-                return QQ_PID
-            made.append(messfn)
-            try:
-                _write_all(fd, received)
-                while True:
-                    chunk = _read(msg_fd, _CHUNK)
-                    if not chunk:
-                        break
-                    _write_all(fd, chunk)
-                os.fsync(fd)
-                fsync_dir(f"{queue}/mess/{n % SPLIT}")
-            except _Exit:
-                raise
-            except OSError:
-                raise _Exit(QQ_WRITE) from None
+                raise QueueExit(QQ_PID) from None
+            self.made.append(messfn)
+            _write_all(fd, received_line(self.pid, self.how, start))
+        except QueueExit:
+            self.close()
+            raise
+
+    def write(self, data: bytes | memoryview) -> None:
+        _write_all(self.fd, data)
+
+    def commit(self, read_envelope: Callable[[], bytes]) -> None:
+        """Make the message durable, then its envelope, then hand it to qmail-send.
+
+        read_envelope runs after intd exists, as in qmail-queue, and returns what
+        follows `u` and `p` in it (see _read_envelope) or raises QueueExit.
+        """
+        queue, n = self.queue, self.inode
+        try:
+            os.fsync(self.fd)
+            fsync_dir(f"{queue}/mess/{n % SPLIT}")
+        except OSError:
+            raise QueueExit(QQ_WRITE) from None
         finally:
-            os.close(fd)
+            self.close()
+        intdfn = f"{queue}/intd/{n}"
+        old_umask = os.umask(0o033)
         try:
             ifd = os.open(intdfn, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except OSError:
-            return QQ_INTD
-        made.append(intdfn)
+            raise QueueExit(QQ_INTD) from None
+        finally:
+            os.umask(old_umask)
+        self.made.append(intdfn)
         try:
-            envelope = _read_envelope(env_fd)
-            _write_all(ifd, b"u%d\0p%d\0" % (real_uid, pid) + envelope)
+            envelope = read_envelope()
+            _write_all(ifd, b"u%d\0p%d\0" % (self.uid, self.pid) + envelope)
             try:
                 os.fsync(ifd)
             except OSError:
-                raise _Exit(QQ_WRITE) from None
+                raise QueueExit(QQ_WRITE) from None
         finally:
             os.close(ifd)
         try:
-            os.link(intdfn, todofn)
+            os.link(intdfn, f"{queue}/todo/{n}")
+        except OSError:
+            raise QueueExit(QQ_TODO) from None
+        self.made.clear()  # linked into todo: the queue owns it now, whatever happens next
+        try:
             fsync_dir(f"{queue}/todo")
         except OSError:
-            return QQ_TODO
-        made.clear()  # committed: the queue owns it now
+            raise QueueExit(QQ_TODO) from None
         pull_trigger(queue)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def abort(self) -> None:
+        """Remove what this message made; qmail-send's cleanup would otherwise do it in 36 h."""
+        self.close()
+        for fn in self.made:
+            try:
+                os.unlink(fn)
+            except OSError:
+                pass
+        self.made.clear()
+
+
+def enqueue(queue: Path, msg_fd: int, env_fd: int, how: str, uid: int | None = None) -> int:
+    """Run qmail-queue's algorithm against `queue`; returns qmail-queue's exit code."""
+    job = Enqueuer(queue, how, uid)
+    try:
+        job.begin()
+        while True:
+            chunk = _read(msg_fd, _CHUNK)
+            if not chunk:
+                break
+            job.write(chunk)
+        job.commit(lambda: _read_envelope(env_fd))
         return QQ_OK
-    except _Exit as e:
+    except QueueExit as e:
         if e.code in (QQ_WRITE, QQ_READ):
-            for fn in made:
-                try:
-                    os.unlink(fn)
-                except OSError:
-                    pass
+            job.abort()
+        job.close()
         return e.code
     except MemoryError:
+        job.close()
         return QQ_NOMEM
-    finally:
-        os.umask(old_umask)
 
 
 def _on_alarm(signum: int, frame: FrameType | None) -> None:

@@ -4,6 +4,11 @@ Without $QMAILQUEUE the qmail-queue process is forked from the caller, which
 has already imported this module, instead of exec'ing a new interpreter per
 message; it is still a separate process fed through two pipes, as in qmail.
 With $QMAILQUEUE the named program is exec'd from the qmail home, as qmail does.
+
+A long-lived caller that runs as the queue's owner (qmail-smtpd when one user
+runs the whole MTA) may instead use InProcessQueue: the same steps, in the same
+order, without a process per message.  A separate qmail-queue process buys no
+isolation there (both would run as the same uid), and it costs a fork.
 """
 
 from __future__ import annotations
@@ -12,11 +17,20 @@ import gc
 import os
 import signal
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 # imported here, not in the child: the forked qmail-queue must not pay for an import
-from .qmail_queue import invoked_how, run_child
+from .qmail_queue import (
+    QQ_BUG,
+    QQ_NOMEM,
+    Enqueuer,
+    QueueExit,
+    check_envelope,
+    invoked_how,
+    run_child,
+)
 
 _TEXTS: dict[int, str] = {
     11: "Denvelope address too long for qq (#5.1.3)",
@@ -168,6 +182,50 @@ class QueueClient:
         if code == 0 and self._failed:
             code = 54
         return QueueResult(code, qq_text(code), self.pid)
+
+
+class InProcessQueue:
+    """QueueClient's interface, with qmail-queue's algorithm run in this process."""
+
+    def __init__(self, home: Path | str, invoked: str) -> None:
+        self.job = Enqueuer(Path(home) / "queue", invoked)
+        self.pid = self.job.pid
+        self.code = 0
+        self._attempt(self.job.begin)
+
+    def _attempt(self, step: Callable[[], None]) -> None:
+        if self.code:
+            return
+        try:
+            step()
+        except QueueExit as e:
+            self.code = e.code
+        except MemoryError:
+            self.code = QQ_NOMEM
+        except Exception:  # noqa: BLE001 - qmail-queue would have exited 81, not crashed us
+            self.code = QQ_BUG
+        if self.code:
+            self.job.abort()
+
+    def write(self, data: bytes | memoryview) -> None:
+        if not self.code:
+            self._attempt(lambda: self.job.write(data))
+
+    def finish(self, sender: str, recipients: list[str]) -> QueueResult:
+        data = envelope(sender, recipients)
+        self._attempt(lambda: self.job.commit(lambda: check_envelope(data)))
+        return QueueResult(self.code, qq_text(self.code), self.pid)
+
+    def abort(self) -> None:
+        self.job.abort()
+
+
+def same_owner(home: Path | str) -> bool:
+    """True when this process owns the queue, so running qmail-queue in-process isolates nothing."""
+    try:
+        return os.stat(Path(home) / "queue").st_uid == os.geteuid()
+    except OSError:
+        return False
 
 
 def queue_message(

@@ -64,7 +64,9 @@ def drop_privileges() -> None:
     except KeyError:
         # unbuffered: a buffered stderr would be flushed later by every forked delivery child
         try:
-            os.write(2, b"qmail-rspawn: warning: no qmailr account; remote deliveries run as root\n")
+            os.write(
+                2, b"qmail-rspawn: warning: no qmailr account; remote deliveries run as root\n"
+            )
         except OSError:
             pass
         return

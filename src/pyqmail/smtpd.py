@@ -59,7 +59,7 @@ from .constants import BREAK
 from .control import Control, ControlError, domain_suffixes
 from .fmt import rfc822_date, safe
 from .home import HOME_HELP, resolve_home
-from .qq import QueueClient, QueueResult
+from .qq import InProcessQueue, QueueClient, QueueResult, same_owner
 from .smtp_server import (
     R_QQT,
     AuthRequested,
@@ -446,7 +446,7 @@ class Session:
         self.wfd = wfd
         self.policy = Policy(home, settings, env)
         self.server = SMTPServer(settings.server_config())
-        self.qq: QueueClient | None = None
+        self.qq: QueueClient | InProcessQueue | None = None
         self.messages = 0
         self.remote = env.get("TCPREMOTEIP") or "unknown"
 
@@ -594,7 +594,10 @@ class Session:
         else:
             os.environ.pop("QMAILQUEUE", None)
         try:
-            self.qq = QueueClient(self.home, invoked="from network")
+            if not queue_program and same_owner(self.home):
+                self.qq = InProcessQueue(self.home, "from network")
+            else:
+                self.qq = QueueClient(self.home, invoked="from network")
         except OSError as e:
             self.log(f"message refused: unable to start qmail-queue: {e.strerror}")
             srv.respond(R_QQT)
