@@ -329,3 +329,53 @@ def test_missing_queue_is_a_clean_error(tmp_path: Path) -> None:
     )
     assert r.returncode == 111
     assert r.stderr.startswith(b"qmail-lspawn: fatal: ")
+
+
+# -- reused delivery workers (an install run by one ordinary user) ------------------------
+
+
+def _maildir_pids(maildir: Path) -> list[str]:
+    # qmail's unique names: TIME.PID[_SEQ].HOST; the pid is the delivering process
+    return [name.split(".")[1].split("_")[0] for name in sorted(os.listdir(maildir / "new"))]
+
+
+@pytest.mark.skipif(ROOT, reason="as root every delivery gets a child of its own uid")
+def test_one_worker_makes_delivery_after_delivery(
+    qmail_home: Path, spawner: Spawner, world: Path
+) -> None:
+    bob = mailbox_user(qmail_home, world)
+    for _ in range(3):
+        assert spawner.deliver("bob@example.test") == b"Kdid 1+0+0\n"
+    pids = _maildir_pids(bob / "Maildir")
+    assert len(pids) == 3 and len(set(pids)) == 1
+    assert len(set(os.listdir(bob / "Maildir" / "new"))) == 3  # unique names all the same
+
+
+def test_a_delivery_leaves_nothing_behind_for_the_next(
+    qmail_home: Path, spawner: Spawner, world: Path
+) -> None:
+    bob = mailbox_user(qmail_home, world)
+    write_qmail(bob / ".qmail-default", '|printf "%s" "${DEFAULT-unset}" > default.out\n')
+    write_qmail(
+        bob / ".qmail",
+        '|printf "%s %s %s" "${DEFAULT-unset}" "${EXT-unset}" "$(umask)" > plain.out\n',
+    )
+    give_to(bob, UID if ROOT else None)
+    assert spawner.deliver("bob-anything@example.test") == b"Kdid 0+0+1\n"
+    assert (bob / "default.out").read_text() == "anything"
+    # the next delivery (in the same worker, when workers are used) sees no DEFAULT and
+    # an empty EXT, exactly as a freshly forked child would
+    assert spawner.deliver("bob@example.test") == b"Kdid 0+0+1\n"
+    assert (bob / "plain.out").read_text() == "unset  0077"
+
+
+def test_a_killed_delivery_is_a_crash_and_the_next_one_works(
+    qmail_home: Path, spawner: Spawner, world: Path
+) -> None:
+    bob = mailbox_user(qmail_home, world)
+    # the program kills the process that runs the delivery (a forked child or a worker)
+    write_qmail(bob / ".qmail-die", "|kill -9 $PPID; sleep 1\n")
+    give_to(bob, UID if ROOT else None)
+    assert spawner.deliver("bob-die@example.test") == b"Zqmail-local crashed.\n"
+    assert spawner.deliver("bob@example.test") == b"Kdid 1+0+0\n"
+    assert len(os.listdir(bob / "Maildir" / "new")) == 1

@@ -21,7 +21,7 @@ from .constants import EXIT_TEMP
 from .control import Control, ControlError
 from .home import resolve_home
 from .local import qmail_local, queue_forward
-from .spawn import DeliverFn, serve
+from .spawn import WORKER_MAX_USE, DeliverFn, serve
 from .users import (
     QLX_CDB,
     QLX_NFS,
@@ -248,9 +248,15 @@ def _deliver_as(
     if os.WIFSIGNALED(status):
         # pass the crash on, so the report says qmail-local crashed
         sig = os.WTERMSIG(status)
-        signal.signal(sig, signal.SIG_DFL)
+        if sig not in (signal.SIGKILL, signal.SIGSTOP):  # those two have no handler to reset
+            signal.signal(sig, signal.SIG_DFL)
         os.kill(os.getpid(), sig)
     return os.WEXITSTATUS(status)
+
+
+def worker_max_use() -> int:
+    """Deliveries per reusable worker: none as root, where each delivery takes its own uid."""
+    return 0 if os.geteuid() == 0 else WORKER_MAX_USE
 
 
 def default_delivery(home: Path) -> str:
@@ -281,7 +287,9 @@ def main(argv: list[str] | None = None) -> None:
     # programs run from .qmail files (forward, condredirect) queue into this home
     os.environ["QMAILHOME"] = str(home)
     try:
-        code = serve(lspawn_deliver(home, dd), lspawn_report, home / "queue")
+        code = serve(
+            lspawn_deliver(home, dd), lspawn_report, home / "queue", max_use=worker_max_use()
+        )
     except OSError as e:
         sys.stderr.write(f"qmail-lspawn: fatal: unable to start in {home}/queue: {e.strerror}\n")
         sys.exit(111)

@@ -6,6 +6,14 @@ its report pipe on fds 1 and 2, and answers `slot letter text\\0` once the
 child's output has ended and the child has been reaped.  The child is forked
 from this already-warm process and calls the delivery function directly: no
 new interpreter is started per delivery.
+
+When every delivery runs with the spawner's own uid (an install run by one
+ordinary user), a fork per delivery buys no isolation, so the spawner may keep
+long-lived delivery workers instead (`max_use` > 0): each is forked once, gets
+a delivery's message and report pipe as file descriptors over a Unix socket,
+runs the same delivery function, puts back what a delivery may change (cwd,
+umask, environment, signal dispositions, fds 0-2) and answers with the exit
+code.  A worker that dies mid-delivery is reported exactly as a crashed child.
 """
 
 from __future__ import annotations
@@ -15,8 +23,10 @@ import gc
 import os
 import select
 import signal
+import socket
 import stat
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +40,14 @@ _READ = 65536
 
 
 @dataclass
+class _Worker:
+    pid: int
+    chan: socket.socket
+    job: _Child | None = None
+    idle_since: float = 0.0
+
+
+@dataclass
 class _Child:
     slot: int
     pid: int
@@ -37,6 +55,11 @@ class _Child:
     output: bytearray = field(default_factory=bytearray)
     eof: bool = False
     status: int | None = None
+    worker: _Worker | None = None
+
+
+WORKER_MAX_USE = 500  # deliveries one worker makes before it exits (a bounded life)
+WORKER_MAX_IDLE = 100.0  # seconds an idle delivery worker waits before it is retired
 
 
 def _decode(b: bytes) -> str:
@@ -52,9 +75,19 @@ def _close_quietly(fd: int) -> None:
 
 class Spawner:
     def __init__(
-        self, deliver: DeliverFn, report: ReportFn, queue_dir: Path, cmd_fd: int, result_fd: int
+        self,
+        deliver: DeliverFn,
+        report: ReportFn,
+        queue_dir: Path,
+        cmd_fd: int,
+        result_fd: int,
+        max_use: int = 0,
     ) -> None:
         self.deliver = deliver
+        self.max_use = max_use
+        self.workers: dict[int, _Worker] = {}  # by pid
+        self.idle: list[_Worker] = []  # most recently used last
+        self.jobs = 0
         self.report = report
         self.cmd_fd = cmd_fd
         self.result_fd = result_fd
@@ -137,6 +170,9 @@ class Spawner:
             except OSError:
                 self.answer(slot, b"Zqmail-spawn unable to create pipe. (#4.3.0)\n")
                 return
+            if self.max_use > 0:
+                self.hand_to_worker(slot, msg_fd, rfd, wfd, sender, recipient)
+                return
             try:
                 # objects the parent already has go to the permanent generation, so the
                 # child's collector never walks (and copy-on-write copies) their pages
@@ -188,6 +224,162 @@ class Spawner:
                 pass
             os._exit(code)
 
+    # -- delivery workers (max_use > 0) ----------------------------------------------
+
+    def hand_to_worker(
+        self, slot: int, msg_fd: int, rfd: int, wfd: int, sender: str, recipient: str
+    ) -> None:
+        job = b"\0".join(
+            (sender.encode("utf-8", "surrogateescape"), recipient.encode("utf-8", "surrogateescape"))
+        )
+        try:
+            while True:
+                worker = self.idle.pop() if self.idle else self.fork_worker()
+                if worker is None:
+                    os.close(rfd)
+                    self.answer(slot, b"Zqmail-spawn unable to fork. (#4.3.0)\n")
+                    return
+                try:
+                    socket.send_fds(worker.chan, [job], [msg_fd, wfd])
+                except OSError:
+                    self.drop_worker(worker)  # it died while idle; try another
+                    continue
+                break
+        finally:
+            os.close(wfd)
+        os.set_blocking(rfd, False)
+        # a worker may take its next job before its last one's report is read to the
+        # end, so jobs are keyed apart from pids (negative keys never clash with a pid)
+        self.jobs += 1
+        ch = _Child(slot, -self.jobs, rfd, worker=worker)
+        worker.job = ch
+        self.children[ch.pid] = ch
+        self.slots.add(slot)
+
+    def fork_worker(self) -> _Worker | None:
+        try:
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        except OSError:
+            return None
+        try:
+            gc.freeze()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            pid = os.fork()
+        except OSError:
+            ours.close()
+            theirs.close()
+            return None
+        if pid == 0:
+            ours.close()
+            self.worker_main(theirs)
+        theirs.close()
+        worker = _Worker(pid, ours)
+        self.workers[pid] = worker
+        return worker
+
+    def drop_worker(self, worker: _Worker) -> None:
+        """Forget a worker and close its channel, which makes an idle one exit."""
+        if self.workers.pop(worker.pid, None) is None:
+            return
+        if worker in self.idle:
+            self.idle.remove(worker)
+        worker.chan.close()
+        job, worker.job = worker.job, None
+        if job is not None and job.status is None:
+            job.status = signal.SIGKILL  # reported as a crash, as a killed child would be
+
+    def worker_says(self, worker: _Worker) -> None:
+        try:
+            data = worker.chan.recv(32)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        job = worker.job
+        if not data or not data.isdigit() or job is None:
+            self.drop_worker(worker)
+            return
+        job.status = (int(data) & 0xFF) << 8  # a wait status: exited with that code
+        worker.job = None
+        worker.idle_since = time.monotonic()
+        self.idle.append(worker)
+
+    def retire_idle(self) -> None:
+        now = time.monotonic()
+        while self.idle and self.idle[0].idle_since + WORKER_MAX_IDLE <= now:
+            self.drop_worker(self.idle[0])
+
+    def worker_main(self, chan: socket.socket) -> None:
+        """A delivery worker: one delivery at a time, each as a forked child would do it."""
+        code = 0
+        try:
+            signal.set_wakeup_fd(-1)
+            for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD, signal.SIGALRM):
+                signal.signal(sig, signal.SIG_DFL)
+            for other in self.workers.values():
+                other.chan.close()  # else a sibling's channel would never see its end
+            keep = chan.fileno()
+            os.closerange(3, keep)
+            os.closerange(keep + 1, 65536)
+            null = os.open(os.devnull, os.O_RDWR)
+            for fd in (0, 1, 2):
+                os.dup2(null, fd)
+            os.close(null)
+            sys.stdout = open(1, "w", encoding="utf-8", errors="surrogateescape", closefd=False)
+            sys.stderr = sys.stdout
+            cwd = os.getcwd()
+            umask = os.umask(0o077)
+            os.umask(umask)
+            baseline = dict(os.environ)
+            dispositions = {
+                sig: signal.getsignal(sig) for sig in (signal.SIGPIPE, signal.SIGALRM)
+            }
+            for _ in range(self.max_use):
+                try:
+                    job, fds, _flags, _addr = socket.recv_fds(chan, 4096, 2)
+                except InterruptedError:
+                    continue
+                if len(fds) != 2:
+                    break  # the spawner closed our channel: it is done with us
+                sender, _, recipient = job.partition(b"\0")
+                os.dup2(fds[0], 0)
+                os.dup2(fds[1], 1)
+                os.dup2(fds[1], 2)
+                os.close(fds[0])
+                os.close(fds[1])
+                try:
+                    status = self.deliver(0, _decode(sender), _decode(recipient))
+                except SystemExit as e:
+                    status = e.code if isinstance(e.code, int) else 111
+                except Exception as e:  # noqa: BLE001 - reported like a failed child
+                    _report_failure(e)
+                    status = 111
+                try:
+                    sys.stdout.flush()
+                except Exception:  # noqa: BLE001 - the report pipe may be gone
+                    pass
+                # the report pipe's last writer must go, or the spawner never sees its end
+                null = os.open(os.devnull, os.O_RDWR)
+                for fd in (0, 1, 2):
+                    os.dup2(null, fd)
+                os.close(null)
+                os.chdir(cwd)
+                os.umask(umask)
+                os.environ.clear()
+                os.environ.update(baseline)
+                for sig, handler in dispositions.items():
+                    signal.signal(sig, handler)
+                signal.alarm(0)
+                chan.send(b"%d" % status)
+        except OSError:
+            code = 0  # the spawner is gone
+        except BaseException as e:  # noqa: BLE001 - never unwind into the spawner's loop
+            _report_failure(e)
+            code = 111
+        finally:
+            os._exit(code)
+
     # -- children -------------------------------------------------------------------
 
     def read_child(self, ch: _Child) -> None:
@@ -219,6 +411,10 @@ class Spawner:
                 continue
             if pid == 0:
                 return
+            worker = self.workers.get(pid)
+            if worker is not None:
+                self.drop_worker(worker)  # its job, if any, is reported as a crash
+                continue
             ch = self.children.get(pid)
             if ch is not None:
                 ch.status = status
@@ -226,6 +422,8 @@ class Spawner:
     def finish_done(self) -> None:
         for pid in [p for p, ch in self.children.items() if ch.eof and ch.status is not None]:
             ch = self.children.pop(pid)
+            if ch.worker is not None and ch.worker.job is ch:
+                ch.worker.job = None
             self.slots.discard(ch.slot)
             assert ch.status is not None
             self.answer(ch.slot, self.report(ch.status, bytes(ch.output)))
@@ -241,6 +439,8 @@ class Spawner:
         reading = True
         while reading or self.children:
             fds = [ch.fd for ch in self.children.values() if not ch.eof] + [wake_r]
+            chans = {w.chan.fileno(): w for w in self.workers.values()}
+            fds += chans
             if reading:
                 fds.append(self.cmd_fd)
             try:
@@ -248,7 +448,10 @@ class Spawner:
             except InterruptedError:
                 ready = []
             for fd in ready:
-                if fd == wake_r:
+                if fd in chans:
+                    if chans[fd].pid in self.workers:
+                        self.worker_says(chans[fd])
+                elif fd == wake_r:
                     try:
                         while os.read(wake_r, 512):
                             pass
@@ -275,21 +478,41 @@ class Spawner:
                             break
             self.reap()
             self.finish_done()
+            self.retire_idle()
             try:
                 self.flush()
             except OSError:
                 return 111  # qmail-send is gone
+        for worker in list(self.workers.values()):
+            self.drop_worker(worker)
         return 0
 
 
+def _report_failure(e: BaseException) -> None:
+    try:
+        os.write(2, f"Delivery process failed: {e}. (#4.3.0)\n".encode(errors="replace"))
+    except OSError:
+        pass
+
+
 def serve(
-    deliver: DeliverFn, report: ReportFn, queue_dir: Path, cmd_fd: int = 0, result_fd: int = 1
+    deliver: DeliverFn,
+    report: ReportFn,
+    queue_dir: Path,
+    cmd_fd: int = 0,
+    result_fd: int = 1,
+    max_use: int = 0,
 ) -> int:
-    """Run the spawner until qmail-send closes the command pipe; returns the exit code."""
+    """Run the spawner until qmail-send closes the command pipe; returns the exit code.
+
+    max_use > 0 delivers in long-lived workers (at most that many deliveries each)
+    instead of a forked child per delivery: only for deliveries that run with the
+    spawner's own uid, since a worker never changes uid.
+    """
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     # qmail-send's TERM/INT are for qmail-send: a spawner finishes what it started
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    spawner = Spawner(deliver, report, queue_dir, cmd_fd, result_fd)
+    spawner = Spawner(deliver, report, queue_dir, cmd_fd, result_fd, max_use)
     os.chdir(queue_dir / "mess")
     return spawner.run()
