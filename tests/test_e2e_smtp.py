@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from _mta import MTA, add_user, maildir_count, queue_empty, wait_for
+from _mta import MTA, add_user, bin_path, free_port, maildir_count, queue_empty, wait_for
 
 SMTP_SOURCE = shutil.which("smtp-source") or "/usr/sbin/smtp-source"
 
@@ -127,12 +127,12 @@ def test_smtp_source_1000_messages_20_sessions(qmail_home: Path, mta: MTA) -> No
     wait_for(lambda: queue_empty(qmail_home), timeout=60, what="queue to empty")
     time.sleep(0.5)
     box = mailbox.Maildir(bob / "Maildir", create=False)
-    qps = Counter()
+    ids = Counter()
     for m in box:
-        # the qmail-queue pid in the first Received line tells messages apart
-        qps[m.get_all("Received")[0]] += 1
+        # smtp-source numbers each message it sends in its Message-Id
+        ids[m["Message-Id"]] += 1
     assert len(box) == 1000
-    assert max(qps.values()) == 1, "a message was delivered twice"
+    assert len(ids) == 1000 and max(ids.values()) == 1, "a message was delivered twice"
 
 
 def test_flood_beyond_concurrency_limit(qmail_home: Path) -> None:
@@ -155,3 +155,56 @@ def test_flood_beyond_concurrency_limit(qmail_home: Path) -> None:
         finally:
             for s in held:
                 s.close()
+
+
+def _smtpd_pid(s: smtplib.SMTP) -> int:
+    """The serving qmail-smtpd's pid, from the qp in its 250 reply (qmail-queue runs in it)."""
+    code, text = s.data(b"Subject: probe\r\n\r\nprobe\r\n")
+    assert code == 250, text
+    return int(text.split()[-1])
+
+
+def test_relay_rights_never_pass_to_the_next_client_of_a_worker(qmail_home: Path) -> None:
+    # one connection at a time: both clients are served by the same long-lived qmail-smtpd
+    (qmail_home / "control" / "concurrencyincoming").write_text("1\n")
+    add_user(qmail_home, "bob@example.test")
+    with MTA(qmail_home) as mta:
+        with smtplib.SMTP("127.0.0.1", mta.smtp_port, timeout=30) as s:
+            s.mail("joe@far.test")
+            assert s.rcpt("x@elsewhere.test")[0] == 250  # tcp.smtp: RELAYCLIENT for us
+            first = _smtpd_pid(s)
+        with smtplib.SMTP(
+            "127.0.0.1", mta.smtp_port, timeout=30, source_address=("127.0.0.2", 0)
+        ) as s:
+            s.mail("joe@far.test")
+            assert s.rcpt("x@elsewhere.test")[0] == 553
+            assert s.rcpt("bob@example.test")[0] == 250
+            second = _smtpd_pid(s)
+        assert second == first  # the same process did serve both
+
+
+def test_smtpdmaxuse_zero_forks_per_connection(qmail_home: Path) -> None:
+    (qmail_home / "control" / "smtpdmaxuse").write_text("0\n")
+    bob = add_user(qmail_home, "bob@example.test")
+    with MTA(qmail_home) as mta:
+        pids = set()
+        for _ in range(3):
+            with smtplib.SMTP("127.0.0.1", mta.smtp_port, timeout=30) as s:
+                s.mail("joe@far.test")
+                s.rcpt("bob@example.test")
+                pids.add(_smtpd_pid(s))
+        assert len(pids) == 3
+        wait_for(lambda: maildir_count(bob / "Maildir") == 3, what="deliveries")
+
+
+def test_bad_smtpdmaxuse_stops_the_start_with_a_clear_error(qmail_home: Path) -> None:
+    (qmail_home / "control" / "smtplisten").write_text(f"127.0.0.1:{free_port()}\n")
+    (qmail_home / "control" / "smtpdmaxuse").write_text("many\n")
+    r = subprocess.run(
+        [bin_path("pyqmail"), "run", "--home", str(qmail_home)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert r.returncode == 111
+    assert "control/smtpdmaxuse line 1: not a number: 'many'" in r.stderr

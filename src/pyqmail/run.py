@@ -111,6 +111,9 @@ class Supervisor:
         conc = ctl.integer("concurrencyincoming", 40, minimum=1)
         me = ctl.me or default_me()
         per_ip = ctl.integer("concurrencyperip", 0)  # 0: no per-address limit, as tcpserver
+        # connections one qmail-smtpd process serves, one after another, before it exits;
+        # 0 forks a fresh process for every connection, as qmail under tcpserver does
+        max_use = ctl.integer("smtpdmaxuse", 100)
         SendControls.load(home)
         for sub in ("send", "smtpd"):
             (home / "log" / sub).mkdir(parents=True, exist_ok=True)
@@ -131,7 +134,10 @@ class Supervisor:
         self.spawn(
             "qmail-lspawn",
             lambda: spawn.serve(
-                lspawn.lspawn_deliver(home, defaultdelivery), lspawn.lspawn_report, queue
+                lspawn.lspawn_deliver(home, defaultdelivery),
+                lspawn.lspawn_report,
+                queue,
+                max_use=lspawn.worker_max_use(),
             ),
             {0: lsp_cmd[0], 1: lsp_res[1], 2: send_log[1]},
         )
@@ -171,6 +177,7 @@ class Supervisor:
                 rules_missing_ok=True,
                 over_limit_banner=b"421 too many connections from your address (#4.3.2)\r\n",
                 nodelay=True,
+                max_use=max_use,
                 # as `tcpserver -l "$(cat control/me)"`: no lookup, and Received names us
                 local_name=me,
             ),

@@ -91,7 +91,21 @@ class ServerOptions:
     log_fd: int = 2
     log_name: str = "tcpserver"
     set_os_environ: bool = True  # also export env to os.environ in the child
+    # 0: fork a child per connection (ucspi's way).  N > 0: long-lived workers forked from
+    # this process, each serving one connection at a time and at most N in its life
+    max_use: int = 0
+    max_idle: float = 100.0  # a worker idle this many seconds exits (pool mode)
     on_ready: Callable[[list[tuple[str, int]]], None] | None = field(default=None, repr=False)
+
+
+@dataclass
+class _Worker:
+    """A pool worker as the parent sees it: its channel and whom it serves now."""
+
+    pid: int
+    chan: socket.socket
+    ip: str | None = None  # the client being served; None while idle
+    idle_since: float = 0.0
 
 
 class ServerError(Exception):
@@ -242,6 +256,9 @@ class TCPServer:
         self._wake_w = -1
         self._sel: selectors.BaseSelector | None = None
         self._polling = False
+        self.workers: dict[int, _Worker] = {}  # pool mode, by pid
+        self.idle: list[_Worker] = []  # most recently used last
+        self.busy = 0
 
     # -- logging --------------------------------------------------------------------------
 
@@ -253,7 +270,11 @@ class TCPServer:
 
     def _status(self) -> None:
         if self.opts.verbosity >= 2:
-            self._log(f"status: {len(self.children)}/{self.opts.limit}")
+            self._log(f"status: {self._active()}/{self.opts.limit}")
+
+    def _active(self) -> int:
+        """Connections being served now."""
+        return self.busy if self.opts.max_use > 0 else len(self.children)
 
     # -- setup ----------------------------------------------------------------------------
 
@@ -352,17 +373,23 @@ class TCPServer:
                 )
             self._status()
             while not self.stopping:
-                self._set_polling(len(self.children) < self.opts.limit)
-                for key, _ in self._sel.select():
+                self._set_polling(self._active() < self.opts.limit)
+                for key, _ in self._sel.select(self._idle_timeout()):
                     if key.fileobj == self._wake_r:
                         self._drain_wakeup()
+                    elif isinstance(key.data, _Worker):
+                        self._worker_says(key.data)
                     elif not self.stopping:
                         sock = key.fileobj
                         assert isinstance(sock, socket.socket)
                         self._accept_from(sock)
                 self._reap()
+                self._retire_idle()
             self._set_polling(False)
             self.close()
+            # a worker's closed channel tells it to exit once its client is done
+            for worker in list(self.workers.values()):
+                self._drop_worker(worker)
             self._shutdown_children()
         finally:
             gc.unfreeze()
@@ -392,21 +419,28 @@ class TCPServer:
             ip = self.children.pop(pid, None)
             if ip is None:
                 continue
-            left = self.per_ip_count.get(ip, 1) - 1
-            if left > 0:
-                self.per_ip_count[ip] = left
-            else:
-                self.per_ip_count.pop(ip, None)
+            worker = self.workers.get(pid)
+            if worker is not None:
+                self._drop_worker(worker)
+            elif ip:
+                self._uncount(ip)
             if self.opts.verbosity >= 2:
                 self._log(f"end {pid} status {status}")
             self._status()
+
+    def _uncount(self, ip: str) -> None:
+        left = self.per_ip_count.get(ip, 1) - 1
+        if left > 0:
+            self.per_ip_count[ip] = left
+        else:
+            self.per_ip_count.pop(ip, None)
 
     def _accept_from(self, lsock: socket.socket) -> None:
         while True:
             # under load this loop can run for a while; finished children must not keep
             # their slots (or their address's per-IP count) as unreaped zombies meanwhile
             self._reap()
-            if len(self.children) >= self.opts.limit:
+            if self._active() >= self.opts.limit:
                 return
             try:
                 conn, peer = lsock.accept()
@@ -435,6 +469,9 @@ class TCPServer:
         if self.opts.per_ip > 0 and self.per_ip_count.get(ip, 0) >= self.opts.per_ip:
             self._refuse_over_limit(conn, ip)
             return
+        if self.opts.max_use > 0:
+            self._dispatch(conn, peer, ip)
+            return
         rules: tuple[CDB | None, str | None] = (None, None)
         if self.rules is not None:
             rules = self.rules.current()
@@ -453,6 +490,148 @@ class TCPServer:
         self.children[pid] = ip
         self.per_ip_count[ip] = self.per_ip_count.get(ip, 0) + 1
         self._status()
+
+    # -- the worker pool (max_use > 0) ------------------------------------------------------
+
+    def _dispatch(self, conn: socket.socket, peer: tuple[object, ...], ip: str) -> None:
+        """Hand the connection to an idle worker, forking one if none is idle."""
+        payload = f"{peer[0]}\0{peer[1]}".encode()
+        try:
+            while True:
+                worker = self.idle.pop() if self.idle else self._fork_worker()
+                if worker is None:
+                    return
+                try:
+                    socket.send_fds(worker.chan, [payload], [conn.fileno()])
+                except OSError:
+                    self._drop_worker(worker)  # it died while idle; try the next one
+                    continue
+                worker.ip = ip
+                self.busy += 1
+                self.per_ip_count[ip] = self.per_ip_count.get(ip, 0) + 1
+                self._status()
+                return
+        finally:
+            conn.close()  # the worker has its own copy now
+
+    def _fork_worker(self) -> _Worker | None:
+        assert self._sel is not None
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            gc.freeze()
+            pid = os.fork()
+        except OSError as exc:
+            self._log(f"warning: unable to fork: {_errtext(exc)}")
+            ours.close()
+            theirs.close()
+            return None
+        if pid == 0:
+            ours.close()
+            self._worker_main(theirs)
+        theirs.close()
+        worker = _Worker(pid, ours)
+        self.workers[pid] = worker
+        self.children[pid] = ""
+        self._sel.register(ours, selectors.EVENT_READ, worker)
+        return worker
+
+    def _worker_says(self, worker: _Worker) -> None:
+        try:
+            data = worker.chan.recv(16)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if data != b"r":  # end of channel: it exited (max_use reached, or it died)
+            self._drop_worker(worker)
+            return
+        if worker.ip is not None:
+            self._uncount(worker.ip)
+            worker.ip = None
+            self.busy -= 1
+        worker.idle_since = time.monotonic()
+        self.idle.append(worker)
+        self._status()
+
+    def _drop_worker(self, worker: _Worker) -> None:
+        """Forget a worker; closing its channel makes it exit after its current client."""
+        if self.workers.pop(worker.pid, None) is None:
+            return
+        if worker.ip is not None:
+            self._uncount(worker.ip)
+            worker.ip = None
+            self.busy -= 1
+        if worker in self.idle:
+            self.idle.remove(worker)
+        if self._sel is not None:
+            self._sel.unregister(worker.chan)
+        worker.chan.close()
+
+    def _idle_timeout(self) -> float | None:
+        if not self.idle:
+            return None
+        return max(0.0, self.idle[0].idle_since + self.opts.max_idle - time.monotonic())
+
+    def _retire_idle(self) -> None:
+        now = time.monotonic()
+        while self.idle and self.idle[0].idle_since + self.opts.max_idle <= now:
+            self._drop_worker(self.idle[0])
+
+    def _worker_main(self, chan: socket.socket) -> None:
+        """A pool worker: serve one connection at a time until told to stop or max_use."""
+        code = 0
+        try:
+            self._leave_parent()
+            for other in self.workers.values():
+                other.chan.close()  # else a sibling's channel would never see its end
+            baseline = dict(os.environ)
+            served = 0
+            while served < self.opts.max_use:
+                try:
+                    payload, fds, _flags, _addr = socket.recv_fds(chan, 512, 1)
+                except InterruptedError:
+                    continue
+                if not fds:
+                    break  # the server is stopping, or retired us for idleness
+                conn = socket.socket(fileno=fds[0])
+                host, _, port = payload.decode().partition("\0")
+                try:
+                    rules = self.rules.current() if self.rules is not None else (None, None)
+                    status = self._session(conn, (host, int(port)), rules)
+                finally:
+                    # the handler may have closed the fd already; nothing was opened since
+                    fd = conn.detach()
+                    try:
+                        os.close(fd)
+                    except OSError:
+                        pass
+                    # one client's variables (RELAYCLIENT above all) must not reach the next
+                    os.environ.clear()
+                    os.environ.update(baseline)
+                served += 1
+                if self.opts.verbosity >= 2:
+                    self._log(f"end {os.getpid()} status {status} served {served}")
+                if served < self.opts.max_use:
+                    chan.send(b"r")
+        except OSError:
+            code = 0  # the server went away while we were busy: nothing left to do
+        except BaseException as exc:  # noqa: BLE001 - a worker must never unwind into the loop
+            self._log(f"warning: worker {os.getpid()} failed: {type(exc).__name__}: {exc}")
+            code = EXIT_TEMP
+        finally:
+            os._exit(code)
+
+    def _leave_parent(self) -> None:
+        """In a fresh child: drop the parent's signal set-up, wakeup pipe and listeners."""
+        signal.set_wakeup_fd(-1)
+        for sig in (signal.SIGCHLD, signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_DFL)
+        if self._sel is not None:
+            self._sel.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+        for s in self.listeners:
+            s.close()
 
     def _shutdown_children(self) -> None:
         """Wait for children up to stop_grace, then TERM, then KILL the stragglers."""
@@ -489,15 +668,7 @@ class TCPServer:
     ) -> None:
         code = EXIT_TEMP
         try:
-            signal.set_wakeup_fd(-1)
-            for sig in (signal.SIGCHLD, signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
-                signal.signal(sig, signal.SIG_DFL)
-            if self._sel is not None:
-                self._sel.close()
-            os.close(self._wake_r)
-            os.close(self._wake_w)
-            for s in self.listeners:
-                s.close()
+            self._leave_parent()
             code = self._session(conn, peer, rules)
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)

@@ -1,0 +1,156 @@
+"""tcpserver's worker pool (max_use > 0): long-lived workers, one connection at a time each."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from _tcp_util import Client, library_server, wait_for
+from pyqmail.tcprules import compile_rules
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _session(port: int, source: str | None = None) -> dict[str, object]:
+    c = Client("127.0.0.1", port, source=source)
+    g = c.greeting()
+    c.send(b"quit\n")
+    assert c.readline() == b"bye\n"
+    c.close()
+    return g
+
+
+def test_a_worker_serves_up_to_max_use_connections(tmp_path: Path) -> None:
+    with library_server(tmp_path, limit=2, options={"max_use": 3, "verbosity": 2}) as srv:
+        pids = Counter()
+        for i in range(1, 10):
+            g = _session(srv.port)
+            pids[g["pid"]] += 1
+            # a worker reports itself free (or gone) before the next client comes, so
+            # this sequence is served by as few workers as max_use allows
+            assert wait_for(lambda i=i: srv.log_text().count("status: 0/2") >= i + 1)
+        assert max(pids.values()) == 3  # reused...
+        assert all(n <= 3 for n in pids.values())  # ...but never past max_use
+        assert len(pids) == 3
+        # a worker that reached max_use has exited and been reaped
+        assert wait_for(lambda: len(srv.children()) == 0)
+        assert "served 3" in srv.log_text()
+
+
+def test_no_client_variables_reach_the_next_client(tmp_path: Path) -> None:
+    rules = tmp_path / "tcp.cdb"
+    compile_rules(
+        b'127.0.0.1:allow,RELAYCLIENT="",NOTE="trusted"\n:allow\n', rules, tmp_path / "tcp.tmp"
+    )
+    # one worker serves everybody, so the second client meets the first one's process
+    with library_server(tmp_path, limit=1, rules=str(rules), options={"max_use": 10}) as srv:
+        trusted = _session(srv.port)
+        assert trusted["os_relay"] == ""
+        plain = _session(srv.port, source="127.0.0.2")
+        assert plain["pid"] == trusted["pid"]
+        assert plain["os_relay"] is None
+        env = plain["env"]
+        assert isinstance(env, dict)
+        assert "RELAYCLIENT" not in env and "NOTE" not in env
+        assert env["TCPREMOTEIP"] == "127.0.0.2"
+
+
+def test_pool_never_serves_more_than_the_limit(tmp_path: Path) -> None:
+    active = tmp_path / "active"
+    active.mkdir()
+    limit = 3
+    with library_server(
+        tmp_path,
+        limit=limit,
+        active_dir=str(active),
+        options={"backlog": 64, "max_use": 100},
+    ) as srv:
+        start = time.monotonic()
+        clients = [Client("127.0.0.1", srv.port) for _ in range(24)]
+        for c in clients:
+            c.send(b"sleep 0.1\nquit\n")
+        seen = []
+        for c in clients:
+            seen.append(c.greeting(timeout=20)["active"])
+            assert c.readline(timeout=20) == b"echo sleep 0.1\n"
+            assert c.readline(timeout=20) == b"bye\n"
+            c.close()
+        assert time.monotonic() - start >= 0.75
+        assert 2 <= max(seen) <= limit
+        # three workers did all the work, none was forked per connection
+        assert len(srv.children()) == limit
+    assert list(active.iterdir()) == []
+
+
+def test_per_ip_limit_counts_clients_not_workers(tmp_path: Path) -> None:
+    banner = "421 too many connections from your address\r\n"
+    with library_server(
+        tmp_path, per_ip=1, options={"over_limit_banner": banner, "max_use": 10}
+    ) as srv:
+        a = Client("127.0.0.1", srv.port)
+        a.greeting()
+        refused = Client("127.0.0.1", srv.port)
+        assert refused.readline() == banner.encode().rstrip(b"\n") + b"\n"
+        refused.close()
+        a.send(b"quit\n")
+        assert a.readline() == b"bye\n"
+        a.close()
+        # once the worker reports the client gone, the address may come back
+
+        def served_again() -> bool:
+            c = Client("127.0.0.1", srv.port)
+            try:
+                return c.readline().startswith(b"{")
+            finally:
+                c.close()
+
+        assert wait_for(served_again)
+
+
+def test_a_killed_worker_frees_its_slot(tmp_path: Path) -> None:
+    with library_server(tmp_path, limit=1, per_ip=1, options={"max_use": 10}) as srv:
+        victim = Client("127.0.0.1", srv.port)
+        pid = victim.greeting()["pid"]
+        os.kill(pid, signal.SIGKILL)
+        assert victim.readline() == b""
+        victim.close()
+        # the slot and the address's count are both given back: a new worker serves
+        after = Client("127.0.0.1", srv.port)
+        g = after.greeting(timeout=5)
+        assert g["pid"] != pid
+        after.close()
+
+
+def test_idle_workers_retire(tmp_path: Path) -> None:
+    with library_server(tmp_path, options={"max_use": 10, "max_idle": 0.3}) as srv:
+        _session(srv.port)
+        assert wait_for(lambda: srv.children() == [], timeout=5)
+        # and the server still serves after that
+        assert _session(srv.port)["env"]
+
+
+def test_sigterm_lets_the_busy_worker_finish(tmp_path: Path) -> None:
+    options = {"max_use": 10, "stop_grace": 20, "verbosity": 2}
+    with library_server(tmp_path, options=options) as srv:
+        busy = Client("127.0.0.1", srv.port)
+        busy_pid = busy.greeting()["pid"]
+        idle_pid = _session(srv.port)["pid"]
+        assert idle_pid != busy_pid
+        # dispatched (2/40), then free again (1/40)
+        assert wait_for(lambda: srv.log_text().rstrip().endswith("status: 1/40"))
+        srv.proc.send_signal(signal.SIGTERM)
+        # the idle worker exits at once; the busy one carries on with its client
+        assert wait_for(lambda: idle_pid not in srv.children())
+        assert busy_pid in srv.children()
+        assert srv.proc.poll() is None
+        busy.send(b"ping\n")
+        assert busy.readline() == b"echo ping\n"
+        busy.send(b"quit\n")
+        assert busy.readline() == b"bye\n"
+        busy.close()
+        assert srv.proc.wait(10) == 0
