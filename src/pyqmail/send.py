@@ -19,6 +19,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -36,12 +37,14 @@ from .constants import (
 from .control import ControlError, SendControls, domain_suffixes
 from .fmt import quote, quote2, rfc822_date, safe
 from .home import HOME_HELP, resolve_home
-from .qq import QueueClient
+from .qq import InProcessQueue, QueueClient, same_owner
 from .queue import fsync_dir, rel
 
 LOCAL, REMOTE = 0, 1
 CHANNEL_NAMES = ("local", "remote")
 CHANSKIP = (10, 20)
+PREPROCESS_BATCH = 16  # todo messages made durable together
+FRESH_MAX = 4096  # just-preprocessed messages remembered for their first pass
 
 Clock = Callable[[], float]
 
@@ -203,6 +206,44 @@ class Channel:
         return self.queue[0][0] if self.queue else None
 
 
+@dataclass
+class _Prepared:
+    """A todo message whose info and channel files are written but not yet durable."""
+
+    n: int
+    sender: str
+    size: int
+    qp: str
+    uid: str
+    channel_data: list[bytearray]
+    fds: dict[str, int] = field(default_factory=dict)
+    ok: bool = True
+    birth: float = 0.0
+
+
+def read_all(path: str) -> bytes:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        chunks = []
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def _sync_one(target: int | str) -> bool:
+    """fsync an open file (fd) or a directory (path); False on failure."""
+    try:
+        if isinstance(target, str):
+            fsync_dir(target)
+        else:
+            os.fsync(target)
+    except OSError:
+        return False
+    return True
+
+
 class QmailSend:
     def __init__(
         self,
@@ -236,6 +277,9 @@ class QmailSend:
         self.trigger_keep = -1
         self.wake_r = -1
         self.ctl_stamp: tuple[float, ...] = ()
+        # fsync waits for the disk, not the CPU, and the disk serves many at once
+        self.fresh: dict[int, _Prepared] = {}
+        self.syncer = ThreadPoolExecutor(max_workers=8, thread_name_prefix="fsync")
 
     # -- logging --------------------------------------------------------------------
 
@@ -359,20 +403,76 @@ class QmailSend:
                 self.todo.append(int(name))
 
     def preprocess(self, n: int) -> None:
+        self.preprocess_batch([n])
+
+    def preprocess_batch(self, numbers: list[int]) -> None:
+        """todo/ -> info/, local/, remote/ for several messages, with one wait for the disk.
+
+        Every file of the batch is written first, then all are fsync'd at once (with
+        their directories) by a few threads, and only then are the todo entries
+        removed: the same order per message as one at a time, but a batch costs the
+        disk's latency once instead of four times per message.
+        """
+        prepared = [p for p in (self.prepare(n) for n in numbers) if p is not None]
+        if not prepared:
+            return
+        dirs = sorted({f"{self.queue}/{kind}/{p.n % SPLIT}" for p in prepared for kind in p.fds})
+        targets: list[tuple[_Prepared | None, str, int | str]] = [
+            (p, kind, fd) for p in prepared for kind, fd in p.fds.items()
+        ]
+        targets += [(None, "", d) for d in dirs]
+        outcomes = self.syncer.map(_sync_one, [t[2] for t in targets])
+        failed_dirs = False
+        for (p, kind, _), ok in zip(targets, outcomes, strict=True):
+            if ok:
+                continue
+            if p is None:
+                failed_dirs = True
+            elif p.ok:
+                self.log(f"warning: trouble fsyncing {rel(kind, p.n)}")
+                p.ok = False
+        for p in prepared:
+            try:
+                p.birth = os.fstat(p.fds["info"]).st_mtime
+            except OSError:
+                p.ok = False
+            for fd in p.fds.values():
+                os.close(fd)
+            if failed_dirs:
+                p.ok = False  # which message's link is durable is unknown: retry them all
+        now = self.clock()
+        for p in prepared:
+            if not p.ok:
+                continue  # todo stays; retried on the next scan
+            self.log(f"info msg {p.n}: bytes {p.size} from <{safe(p.sender)}> qp {p.qp} uid {p.uid}")
+            if not self.clean(f"todo/{p.n}"):
+                continue
+            any_channel = False
+            for ch in self.channels:
+                if p.channel_data[ch.index]:
+                    ch.schedule(p.n, now)
+                    any_channel = True
+            if not any_channel:
+                self.done_checks.append((now, p.n))
+            elif len(self.fresh) < FRESH_MAX:
+                # the first pass needs what was just written: spare it the reading back
+                self.fresh[p.n] = p
+
+    def prepare(self, n: int) -> _Prepared | None:
+        """Read todo/n and write (not yet fsync) its info and channel files."""
         todo_rel = rel("todo", n)
         try:
-            with open(self.path("todo", n), "rb") as f:
-                data = f.read()
+            data = read_all(self.path("todo", n))
         except FileNotFoundError:
-            return
+            return None
         except OSError:
             self.log(f"warning: unable to open {todo_rel}")
-            return
+            return None
         try:
             size = os.stat(self.path("mess", n)).st_size
         except OSError:
             self.log(f"warning: unable to stat {rel('mess', n)}")
-            return
+            return None
         for kind in ("local", "remote", "info"):
             try:
                 os.unlink(self.path(kind, n))
@@ -380,7 +480,7 @@ class QmailSend:
                 pass
             except OSError:
                 self.log(f"warning: unable to unlink {rel(kind, n)}")
-                return
+                return None
         for ch in self.channels:
             ch.scheduled.pop(n, None)
         uid = pid = "?"
@@ -403,34 +503,25 @@ class QmailSend:
                 self.log(f"warning: unknown record type in {todo_rel}")
         if sender is None:
             self.log(f"warning: trouble reading {todo_rel}")
-            return
-        written: list[str] = []
+            return None
+        p = _Prepared(n, sender, size, pid, uid, channel_data)
+        self.log(f"new msg {n}")
         try:
-            self.log(f"new msg {n}")
-            self.write_synced("info", n, b"F" + sender.encode("utf-8", "surrogateescape") + b"\0")
-            written.append("info")
-            self.log(f"info msg {n}: bytes {size} from <{safe(sender)}> qp {pid} uid {uid}")
+            p.fds["info"] = self.write_unsynced(
+                "info", n, b"F" + sender.encode("utf-8", "surrogateescape") + b"\0"
+            )
             for ch in self.channels:
                 if channel_data[ch.index]:
                     kind = CHANNEL_NAMES[ch.index]
-                    self.write_synced(kind, n, bytes(channel_data[ch.index]))
-                    written.append(kind)
-            for kind in written:
-                fsync_dir(f"{self.queue}/{kind}/{n % SPLIT}")
+                    p.fds[kind] = self.write_unsynced(kind, n, bytes(channel_data[ch.index]))
         except OSError:
-            return  # todo stays; retried on the next scan
-        if not self.clean(f"todo/{n}"):
-            return
-        now = self.clock()
-        any_channel = False
-        for ch in self.channels:
-            if channel_data[ch.index]:
-                ch.schedule(n, now)
-                any_channel = True
-        if not any_channel:
-            self.done_checks.append((now, n))
+            for fd in p.fds.values():
+                os.close(fd)
+            return None  # todo stays; retried on the next scan
+        return p
 
-    def write_synced(self, kind: str, n: int, data: bytes) -> None:
+    def write_unsynced(self, kind: str, n: int, data: bytes) -> int:
+        """Create and fill queue file kind/n; returns its fd, still open for the fsync."""
         fname = rel(kind, n)
         try:
             fd = os.open(self.path(kind, n), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -438,25 +529,27 @@ class QmailSend:
             self.log(f"warning: unable to create {fname}")
             raise
         try:
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
-            except OSError:
-                self.log(f"warning: trouble writing to {fname}")
-                raise
-            try:
-                os.fsync(fd)
-            except OSError:
-                self.log(f"warning: trouble fsyncing {fname}")
-                raise
-        finally:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+        except OSError:
             os.close(fd)
+            self.log(f"warning: trouble writing to {fname}")
+            raise
+        return fd
 
     # -- passes and deliveries ------------------------------------------------------
 
     def open_pass(self, ch: Channel, n: int, now: float) -> None:
         kind = CHANNEL_NAMES[ch.index]
+        fresh = self.fresh.get(n)
+        if fresh is not None and fresh.channel_data[ch.index]:
+            data = bytes(fresh.channel_data[ch.index])
+            fresh.channel_data[ch.index] = bytearray()  # a later pass reads the file again
+            if not any(fresh.channel_data):
+                del self.fresh[n]
+            self.start_job(ch, n, now, data, fresh.sender, fresh.birth)
+            return
         fname = rel(kind, n)
         try:
             with open(self.path(kind, n), "rb") as f:
@@ -477,6 +570,13 @@ class QmailSend:
             ch.schedule(n, now + SLEEP_SYSFAIL)
             return
         sender = info[1:].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+        self.start_job(ch, n, now, data, sender, birth)
+
+    def start_job(
+        self, ch: Channel, n: int, now: float, data: bytes, sender: str, birth: float
+    ) -> None:
+        kind = CHANNEL_NAMES[ch.index]
+        fname = rel(kind, n)
         records: list[tuple[int, str]] = []
         pos = 0
         bad = False
@@ -674,6 +774,7 @@ class QmailSend:
         if os.path.exists(self.path("bounce", n)):
             if not self.inject_bounce(n):
                 return False
+        self.fresh.pop(n, None)
         self.log(f"end msg {n}")
         try:
             os.unlink(self.path("info", n))
@@ -733,7 +834,13 @@ class QmailSend:
                 )
                 tail += f"\nReturn-Path: <{quote2(sender)}>\n"
                 try:
-                    qq = QueueClient(self.home, invoked="for bounce")
+                    # no fork from this process (it runs fsync threads) unless qmail-queue
+                    # must run as another uid or is replaced by $QMAILQUEUE
+                    qq: QueueClient | InProcessQueue
+                    if not os.environ.get("QMAILQUEUE") and same_owner(self.home):
+                        qq = InProcessQueue(self.home, "for bounce")
+                    else:
+                        qq = QueueClient(self.home, invoked="for bounce")
                 except OSError:
                     self.log("warning: unable to start qmail-queue, will try later")
                     return False
@@ -889,9 +996,10 @@ class QmailSend:
                 self.todo_scan_at = now + SLEEP_TODO
             if self.todo and self.controls_changed():
                 self.reread()
-            # preprocessing is cheap next to deliveries; a small batch keeps the loop lean
-            for _ in range(min(len(self.todo), 8)):
-                self.preprocess(self.todo.pop(0))
+            # preprocessing is cheap next to deliveries; a bounded batch keeps the loop lean
+            if self.todo:
+                batch, self.todo = self.todo[:PREPROCESS_BATCH], self.todo[PREPROCESS_BATCH:]
+                self.preprocess_batch(batch)
                 busy = True
             busy = busy or bool(self.todo)
             for ch in self.channels:
