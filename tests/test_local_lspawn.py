@@ -339,7 +339,7 @@ def _maildir_pids(maildir: Path) -> list[str]:
     return [name.split(".")[1].split("_")[0] for name in sorted(os.listdir(maildir / "new"))]
 
 
-@pytest.mark.skipif(ROOT, reason="as root every delivery gets a child of its own uid")
+@pytest.mark.skipif(ROOT, reason="as root a user's delivery runs in a child that takes its uid")
 def test_one_worker_makes_delivery_after_delivery(
     qmail_home: Path, spawner: Spawner, world: Path
 ) -> None:

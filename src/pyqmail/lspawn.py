@@ -254,11 +254,6 @@ def _deliver_as(
     return os.WEXITSTATUS(status)
 
 
-def worker_max_use() -> int:
-    """Deliveries per reusable worker: none as root, where each delivery takes its own uid."""
-    return 0 if os.geteuid() == 0 else WORKER_MAX_USE
-
-
 def default_delivery(home: Path) -> str:
     """The rc-script convention: first line of control/defaultdelivery, else ./Maildir/."""
     value = Control(home).line("defaultdelivery")
@@ -288,7 +283,7 @@ def main(argv: list[str] | None = None) -> None:
     os.environ["QMAILHOME"] = str(home)
     try:
         code = serve(
-            lspawn_deliver(home, dd), lspawn_report, home / "queue", max_use=worker_max_use()
+            lspawn_deliver(home, dd), lspawn_report, home / "queue", max_use=WORKER_MAX_USE
         )
     except OSError as e:
         sys.stderr.write(f"qmail-lspawn: fatal: unable to start in {home}/queue: {e.strerror}\n")

@@ -1,10 +1,12 @@
 """qmail-rspawn: qmail-send's remote delivery channel.
 
 It speaks the spawner protocol (pyqmail.spawn) with qmail-send and runs
-qmail-remote's logic (pyqmail.remote.deliver) in a child forked from this
-warm process for every delivery: no interpreter is started per message.  The
+qmail-remote's logic (pyqmail.remote.deliver) in a process forked from this
+warm one: no interpreter is started per message.  The
 child's r/h/s + K/Z/D reports are folded into the one-letter result
 qmail-send expects by `rspawn_report`, following qmail-rspawn's rules.
+Like qmail-lspawn it keeps reusable delivery workers instead of a fork per
+delivery (see pyqmail.spawn); they run as qmailr too.
 
 `rspawn_deliver(home)` does qmail-rspawn's start-up work before it returns
 the delivery function: it forgets remembered connection timeouts
@@ -92,7 +94,6 @@ def rspawn_deliver(home: Path | str) -> spawn.DeliverFn:
     gc.freeze()
 
     def deliver(msg_fd: int, sender: str, recipient: str) -> int:
-        gc.disable()  # a short-lived child: collecting would only copy shared pages
         host = recipient[recipient.rfind("@") + 1 :]
         try:
             reports = remote.deliver(home, host, sender, [recipient], msg_fd)
@@ -113,4 +114,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--home", help=HOME_HELP)
     home = resolve_home(parser.parse_args(argv).home)
-    return spawn.serve(rspawn_deliver(home), rspawn_report, home / "queue")
+    return spawn.serve(
+        rspawn_deliver(home), rspawn_report, home / "queue", max_use=spawn.WORKER_MAX_USE
+    )

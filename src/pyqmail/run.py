@@ -137,13 +137,18 @@ class Supervisor:
                 lspawn.lspawn_deliver(home, defaultdelivery),
                 lspawn.lspawn_report,
                 queue,
-                max_use=lspawn.worker_max_use(),
+                max_use=spawn.WORKER_MAX_USE,
             ),
             {0: lsp_cmd[0], 1: lsp_res[1], 2: send_log[1]},
         )
         self.spawn(
             "qmail-rspawn",
-            lambda: spawn.serve(rspawn.rspawn_deliver(home), rspawn.rspawn_report, queue),
+            lambda: spawn.serve(
+                rspawn.rspawn_deliver(home),
+                rspawn.rspawn_report,
+                queue,
+                max_use=spawn.WORKER_MAX_USE,
+            ),
             {0: rsp_cmd[0], 1: rsp_res[1], 2: send_log[1]},
         )
         self.spawn(

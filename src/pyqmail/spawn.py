@@ -7,13 +7,14 @@ child's output has ended and the child has been reaped.  The child is forked
 from this already-warm process and calls the delivery function directly: no
 new interpreter is started per delivery.
 
-When every delivery runs with the spawner's own uid (an install run by one
-ordinary user), a fork per delivery buys no isolation, so the spawner may keep
-long-lived delivery workers instead (`max_use` > 0): each is forked once, gets
-a delivery's message and report pipe as file descriptors over a Unix socket,
-runs the same delivery function, puts back what a delivery may change (cwd,
-umask, environment, signal dispositions, fds 0-2) and answers with the exit
-code.  A worker that dies mid-delivery is reported exactly as a crashed child.
+With `max_use` > 0 the spawner keeps long-lived delivery workers instead of
+forking per delivery: each is forked once, gets a delivery's message and report
+pipe as file descriptors over a Unix socket, runs the same delivery function,
+puts back what a delivery may change (cwd, umask, environment, signal
+dispositions, fds 0-2) and answers with the exit code.  A worker keeps the
+spawner's uid; a delivery that must run as another user forks and drops to
+that uid inside the worker, exactly as it does in a forked child.  A worker
+that dies mid-delivery is reported exactly as a crashed child.
 """
 
 from __future__ import annotations
@@ -210,6 +211,7 @@ class Spawner:
             os.closerange(3, 65536)
             sys.stdout = open(1, "w", encoding="utf-8", errors="surrogateescape", closefd=False)
             sys.stderr = sys.stdout
+            gc.disable()  # a short-lived child: collecting would only copy shared pages
             code = self.deliver(0, sender, recipient)
         except BaseException as e:  # noqa: BLE001 - the child must always report
             try:
@@ -506,8 +508,7 @@ def serve(
     """Run the spawner until qmail-send closes the command pipe; returns the exit code.
 
     max_use > 0 delivers in long-lived workers (at most that many deliveries each)
-    instead of a forked child per delivery: only for deliveries that run with the
-    spawner's own uid, since a worker never changes uid.
+    instead of a forked child per delivery.
     """
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     # qmail-send's TERM/INT are for qmail-send: a spawner finishes what it started
