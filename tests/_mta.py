@@ -46,14 +46,27 @@ def queue_empty(home: Path) -> bool:
 
 
 def queue_files(home: Path) -> list[str]:
-    """Every file left in the queue, except the lock files."""
+    """Every file left in the queue, except the lock files and the spare pools."""
     q = home / "queue"
     out = []
     for root, _dirs, files in os.walk(q):
-        if Path(root) == q / "lock":
+        if Path(root) == q / "lock" or Path(root).is_relative_to(q / "spare"):
             continue
         out += [os.path.join(root, f) for f in files]
     return sorted(out)
+
+
+def assert_spares_sane(home: Path) -> int:
+    """Every spare is an empty file with one name: never a live queue file; returns the count."""
+    live = {os.stat(f).st_ino for f in queue_files(home)}
+    count = 0
+    for pool in ("q", "s"):
+        for entry in os.scandir(home / "queue" / "spare" / pool):
+            st = entry.stat(follow_symlinks=False)
+            assert st.st_size == 0 and st.st_nlink == 1, (entry.path, st)
+            assert st.st_ino not in live, entry.path
+            count += 1
+    return count
 
 
 class MTA:

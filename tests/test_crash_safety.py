@@ -27,7 +27,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from _mta import MTA, bin_path, maildir_count, queue_empty, queue_files, wait_for
+from _mta import (
+    MTA,
+    assert_spares_sane,
+    bin_path,
+    maildir_count,
+    queue_empty,
+    queue_files,
+    wait_for,
+)
 from pyqmail.constants import OSSIFIED
 from pyqmail.fmt import tai64n_label
 from pyqmail.qq import QueueClient, queue_message
@@ -511,6 +519,8 @@ def test_kill_qmail_queue_during_injection(qmail_home: Path) -> None:
               f"delivered {sum(by_id.values())}; leftovers {dict(kinds)}")
         assert set(kinds) <= {"mess", "intd", "pid"}, f"{leftovers}; {why}"
         assert kinds["mess"] >= len(log.precommit), f"{leftovers}; {why}"
+        # finished files were recycled, and no spare is (or aliases) a live file
+        assert assert_spares_sane(qmail_home) > 0, why
         # young leftovers may be injections still in progress: a restart must keep them
         restart(mta)
         time.sleep(0.5)
@@ -632,6 +642,7 @@ def test_kill_mta_during_delivery(qmail_home: Path) -> None:
         leftovers = queue_files(qmail_home)
         kinds = leftover_kinds(qmail_home, leftovers)
         assert set(kinds) <= {"mess", "intd", "pid"}, f"{leftovers}; {why}"
+        assert assert_spares_sane(qmail_home) > 0, why
         assert_clean_after_restart(mta, boxes["bob"], seed)
     finally:
         mta.stop()

@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+from . import spare
 from .constants import OSSIFIED, SPLIT
 from .home import HOME_HELP, resolve_home
 
@@ -24,6 +25,11 @@ def _unlink(path: str) -> bool:
     except OSError:
         return False
     return True
+
+
+def _remove(spares: spare.SparePool, path: str, name: str) -> bool:
+    """Remove a finished queue file, keeping its inode as a spare when the pool has room."""
+    return spares.recycle(path, name) or _unlink(path)
 
 
 def sweep_pids(queue: Path, now: float | None = None) -> None:
@@ -49,12 +55,15 @@ def handle(queue: Path, command: bytes) -> bytes:
     if not number.isdigit():
         return b"x"
     n = int(number)
+    spares = spare.pool(queue, "q")
     if prefix == b"foop/":
-        ok = _unlink(f"{queue}/intd/{n}")
-        ok = _unlink(f"{queue}/mess/{n % SPLIT}/{n}") and ok
+        ok = _remove(spares, f"{queue}/intd/{n}", f"intd.{n}")
+        ok = _remove(spares, f"{queue}/mess/{n % SPLIT}/{n}", f"mess.{n}") and ok
     elif prefix == b"todo/":
-        ok = _unlink(f"{queue}/intd/{n}")
-        ok = _unlink(f"{queue}/todo/{n}") and ok
+        # todo/n is a second name of intd/n: it goes first, so that emptying intd/n
+        # can never leave a todo entry without its envelope
+        ok = _unlink(f"{queue}/todo/{n}")
+        ok = ok and _remove(spares, f"{queue}/intd/{n}", f"intd.{n}")
     else:
         return b"x"
     return b"+" if ok else b"!"

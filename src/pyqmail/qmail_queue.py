@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
+from . import spare
 from .constants import ADDRESS_LIMIT, DEATH, SPLIT
 from .fmt import rfc822_date
 from .home import resolve_home
@@ -150,10 +151,16 @@ class Enqueuer:
             os.stat(queue)
         except OSError:
             raise QueueExit(QQ_QUEUE) from None
+        spares = spare.pool(queue, "q")
         old_umask = os.umask(0o033)
         try:
             for seq in range(1, 10):
                 pidfn = f"{queue}/pid/{self.pid}.{int(start)}.{seq}"
+                if seq == 1:
+                    taken = spares.take(pidfn)
+                    if taken is not None:
+                        fd = taken
+                        break
                 try:
                     fd = os.open(pidfn, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
                 except FileExistsError:
@@ -201,13 +208,17 @@ class Enqueuer:
         finally:
             self.close()
         intdfn = f"{queue}/intd/{n}"
-        old_umask = os.umask(0o033)
-        try:
-            ifd = os.open(intdfn, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except OSError:
-            raise QueueExit(QQ_INTD) from None
-        finally:
-            os.umask(old_umask)
+        taken = spare.pool(queue, "q").take(intdfn)
+        if taken is not None:
+            ifd = taken
+        else:
+            old_umask = os.umask(0o033)
+            try:
+                ifd = os.open(intdfn, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except OSError:
+                raise QueueExit(QQ_INTD) from None
+            finally:
+                os.umask(old_umask)
         self.made.append(intdfn)
         try:
             envelope = read_envelope()

@@ -50,6 +50,10 @@ def make_queue(queue: Path) -> list[Path]:
         mkdir(queue / name, 0o750 if name == "mess" else 0o700)
         for i in range(SPLIT):
             mkdir(queue / name / str(i), 0o750 if name == "mess" else 0o700)
+    # recycled files (pyqmail.spare): q for qmail-queue's, s for qmail-send's
+    mkdir(queue / "spare", 0o700)
+    mkdir(queue / "spare" / "q", 0o700)
+    mkdir(queue / "spare" / "s", 0o700)
     lock = queue / "lock"
     mutex = lock / "sendmutex"
     if not mutex.exists():

@@ -19,6 +19,7 @@ from pathlib import Path
 from types import FrameType
 
 from .control import Control, ControlError, SendControls
+from .queue import make_queue
 
 Child = Callable[[], int]
 
@@ -115,6 +116,12 @@ class Supervisor:
         # 0 forks a fresh process for every connection, as qmail under tcpserver does
         max_use = ctl.integer("smtpdmaxuse", 100)
         SendControls.load(home)
+        # a queue made by an older version lacks newer parts (the spare pools, which
+        # are optional: without them queue files are simply created and unlinked)
+        try:
+            make_queue(queue)
+        except OSError as e:
+            self.out(f"pyqmail: warning: unable to complete {queue}: {e.strerror}")
         for sub in ("send", "smtpd"):
             (home / "log" / sub).mkdir(parents=True, exist_ok=True)
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
+from . import spare
 from .constants import (
     OSSIFIED,
     REPORTMAX,
@@ -279,6 +280,7 @@ class QmailSend:
         self.ctl_stamp: tuple[float, ...] = ()
         # fsync waits for the disk, not the CPU, and the disk serves many at once
         self.fresh: dict[int, _Prepared] = {}
+        self.spares = spare.pool(self.queue, "s")
         self.syncer = ThreadPoolExecutor(max_workers=8, thread_name_prefix="fsync")
 
     # -- logging --------------------------------------------------------------------
@@ -523,8 +525,13 @@ class QmailSend:
     def write_unsynced(self, kind: str, n: int, data: bytes) -> int:
         """Create and fill queue file kind/n; returns its fd, still open for the fsync."""
         fname = rel(kind, n)
+        taken = self.spares.take(self.path(kind, n))
         try:
-            fd = os.open(self.path(kind, n), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            fd = (
+                taken
+                if taken is not None
+                else os.open(self.path(kind, n), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            )
         except OSError:
             self.log(f"warning: unable to create {fname}")
             raise
@@ -749,7 +756,8 @@ class QmailSend:
         if job.remaining <= 0:
             kind = CHANNEL_NAMES[ch.index]
             try:
-                os.unlink(job.path)
+                if not self.spares.recycle(job.path, f"{kind}.{job.msg}"):
+                    os.unlink(job.path)
             except FileNotFoundError:
                 pass
             except OSError:
@@ -777,7 +785,8 @@ class QmailSend:
         self.fresh.pop(n, None)
         self.log(f"end msg {n}")
         try:
-            os.unlink(self.path("info", n))
+            if not self.spares.recycle(self.path("info", n), f"info.{n}"):
+                os.unlink(self.path("info", n))
         except FileNotFoundError:
             pass
         except OSError:
