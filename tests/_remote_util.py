@@ -57,6 +57,7 @@ class Script:
     drop_after_dot: bool = False  # close after the terminator, before replying
     certfile: str | None = None  # offer STARTTLS with this certificate (key in the same file)
     inject_after_starttls: bytes = b""
+    hang_up_after_message: bytes | None = None  # after the dot's reply send this, then close
 
 
 class ScriptedPeer:
@@ -191,6 +192,10 @@ class ScriptedPeer:
                 if sc.drop_after_dot:
                     return
                 send(sc.dot)
+                if sc.hang_up_after_message is not None:
+                    if sc.hang_up_after_message:
+                        send(sc.hang_up_after_message)
+                    return
             elif verb == b"QUIT":
                 send(b"221 bye")
                 return

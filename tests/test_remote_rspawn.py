@@ -161,3 +161,31 @@ def test_rspawn_delivers_in_parallel_and_validates(qmail_home: Path) -> None:
     )
     assert found[2] == b"DInternal error: messid has nonnumerics. (#5.3.5)\n"
     assert found[3] == b"DSorry, address must include host name. (#5.1.3)\n"
+
+
+def test_rspawn_workers_keep_their_connection_for_the_next_message(qmail_home: Path) -> None:
+    peer = ScriptedPeer(Script())
+    try:
+        (qmail_home / "control" / "smtproutes").write_text(f":127.0.0.1:{peer.port}\n")
+        one = queued(qmail_home, b"Subject: 1\n\nbody\n", "x@far.test")
+        two = queued(qmail_home, b"Subject: 2\n\nbody\n", "y@far.test")
+        rs = Rspawn(qmail_home)
+        try:
+            rs.command(0, one, "a@example.test", "x@far.test")
+            first = rs.results(1)
+            rs.command(0, two, "a@example.test", "y@far.test")
+            second = rs.results(1)
+        finally:
+            # the spawner ends; its worker says QUIT on the kept connection before it exits
+            assert rs.close() == 0
+        deadline = time.monotonic() + 10
+        while not peer.sessions[-1].commands[-1:] == [b"QUIT"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        peer.stop()
+    assert first[0].startswith(b"K127.0.0.1 accepted message.")
+    assert second[0].startswith(b"K127.0.0.1 accepted message.")
+    (s,) = peer.sessions
+    assert [c.split(b" ")[0].split(b":")[0] for c in s.commands] == [
+        b"EHLO", b"MAIL", b"RCPT", b"DATA", b"MAIL", b"RCPT", b"DATA", b"QUIT",
+    ]

@@ -34,11 +34,13 @@ message report, so it appears in qmail-send's log line.
 from __future__ import annotations
 
 import os
+import select
 import socket
 import ssl
 import stat
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -273,9 +275,14 @@ def run_session(
     msg: MessageSource,
     policy: TLSPolicy,
     target: mx.Target,
-) -> None:
-    """Drive the sans-I/O client over a connected socket until it is done; closes the socket."""
+) -> socket.socket | None:
+    """Drive the sans-I/O client over a connected socket until it is done.
+
+    Returns the connection (TLS-wrapped if it was upgraded) when the client left it
+    ready for another transaction, else closes it and returns None.
+    """
     conn: socket.socket = sock
+    keep = False
     try:
         while True:
             action = client.next_action()
@@ -318,12 +325,76 @@ def run_session(
                 except OSError:
                     client.connection_lost()
             elif action is DONE:
-                return
+                keep = client.reusable
+                return conn if keep else None
     finally:
-        try:
-            conn.close()
-        except OSError:
-            pass
+        if not keep:
+            try:
+                conn.close()
+            except OSError:
+                pass
+    return None
+
+
+# -- connections kept between deliveries -----------------------------------------------
+
+KEEP_IDLE = 5.0  # seconds a kept connection may sit unused before it is closed
+
+
+@dataclass
+class _Kept:
+    key: tuple[object, ...]
+    sock: socket.socket
+    extensions: dict[str, str]
+    tls_note: str
+    since: float
+
+
+_kept: _Kept | None = None  # at most one per process: a delivery worker's last connection
+
+
+def _take_kept(key: tuple[object, ...]) -> _Kept | None:
+    """The kept connection for key if it is still usable; any other one is closed."""
+    global _kept
+    kept, _kept = _kept, None
+    if kept is None:
+        return None
+    fresh = time.monotonic() - kept.since < KEEP_IDLE
+    if kept.key == key and fresh and _quiet(kept.sock):
+        return kept
+    _quit_quietly(kept.sock)
+    return None
+
+
+def _quiet(sock: socket.socket) -> bool:
+    """True if the peer has sent nothing since (a 421 on idle, or its end of the connection)."""
+    if isinstance(sock, ssl.SSLSocket) and sock.pending():
+        return False
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+    except (OSError, ValueError):
+        return False
+    return not readable
+
+
+def _quit_quietly(sock: socket.socket) -> None:
+    try:
+        sock.settimeout(1.0)
+        sock.sendall(b"QUIT\r\n")
+    except OSError:
+        pass
+    try:
+        sock.close()
+    except OSError:
+        pass
+
+
+def close_kept() -> None:
+    """Say QUIT on the kept connection, if any (a worker calls this when it falls idle)."""
+    global _kept
+    kept, _kept = _kept, None
+    if kept is not None:
+        _quit_quietly(kept.sock)
 
 
 # -- a whole delivery ---------------------------------------------------------------
@@ -336,11 +407,17 @@ def deliver(
     recipients: list[str],
     msg_fd: int,
     resolver: Any = None,
+    keep: bool = False,
 ) -> list[Report]:
     """qmail-remote's work for one message and one domain; returns its reports in order.
 
     All recipients share one SMTP transaction (one MAIL, one RCPT each, one DATA).
+    With keep, a connection that delivered its message is kept open for the next
+    delivery to the same host, port and TLS policy in this process (as Postfix's
+    connection cache does), and such a kept connection is used when it fits;
+    close_kept() ends it.  Only a long-lived process may ask for this.
     """
+    global _kept
     home = Path(home)
     ctl = Control(home)
     try:
@@ -376,14 +453,42 @@ def deliver(
         for target in targets:
             if tcpto.dead(target.ip):
                 continue
+            key = (target.ip, port, settings, policy.mode, policy.cafile, policy.name)
+            kept = _take_kept(key) if keep else None
+            if kept is not None:
+                client = SMTPClient(
+                    target.ip,
+                    settings.helo,
+                    sender,
+                    recipients,
+                    msg.info(),
+                    policy.mode,
+                    tls_note=kept.tls_note,
+                    extensions=kept.extensions,
+                    resumed=True,
+                    keep_open=True,
+                )
+                conn = run_session(kept.sock, client, msg, policy, target)
+                if not client.stale:
+                    if conn is not None:
+                        _kept = _Kept(key, conn, kept.extensions, kept.tls_note, time.monotonic())
+                    return client.reports
             sock, timed_out = _connect(target.ip, port, settings)
             tcpto.record(target.ip, timed_out)
             if sock is None:
                 continue
             client = SMTPClient(
-                target.ip, settings.helo, sender, recipients, msg.info(), policy.mode
+                target.ip,
+                settings.helo,
+                sender,
+                recipients,
+                msg.info(),
+                policy.mode,
+                keep_open=keep,
             )
-            run_session(sock, client, msg, policy, target)
+            conn = run_session(sock, client, msg, policy, target)
+            if conn is not None:
+                _kept = _Kept(key, conn, client.extensions, client.tls_note, time.monotonic())
             if client.retry_plaintext:
                 failed = client.tls_error
                 sock, _ = _connect(target.ip, port, settings)

@@ -81,7 +81,13 @@ def drop_privileges() -> None:
     os.setuid(pw.pw_uid)
 
 
-def rspawn_deliver(home: Path | str) -> spawn.DeliverFn:
+def rspawn_deliver(home: Path | str, keep: bool = False) -> spawn.DeliverFn:
+    """qmail-rspawn's start-up work, then its delivery function.
+
+    keep: the function runs in long-lived workers, so a connection that delivered
+    a message stays open for the next message to the same host (see
+    pyqmail.remote.deliver); pass IDLE to pyqmail.spawn.serve to close it in time.
+    """
     home = Path(home)
     try:
         tcpto.zero(home / "queue")
@@ -96,7 +102,7 @@ def rspawn_deliver(home: Path | str) -> spawn.DeliverFn:
     def deliver(msg_fd: int, sender: str, recipient: str) -> int:
         host = recipient[recipient.rfind("@") + 1 :]
         try:
-            reports = remote.deliver(home, host, sender, [recipient], msg_fd)
+            reports = remote.deliver(home, host, sender, [recipient], msg_fd, keep=keep)
         except Exception as e:  # noqa: BLE001 - a report, never a traceback
             reports = [("Z", f"qmail-remote failed unexpectedly: {e}. (#4.3.0)\n")]
         view = memoryview(format_reports(reports))
@@ -114,6 +120,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--home", help=HOME_HELP)
     home = resolve_home(parser.parse_args(argv).home)
+    return serve(home, home / "queue")
+
+
+IDLE: spawn.IdleHook = (remote.KEEP_IDLE, remote.close_kept)
+
+
+def serve(home: Path, queue: Path) -> int:
+    """The spawner loop with reused workers that keep their SMTP connections a while."""
     return spawn.serve(
-        rspawn_deliver(home), rspawn_report, home / "queue", max_use=spawn.WORKER_MAX_USE
+        rspawn_deliver(home, keep=True),
+        rspawn_report,
+        queue,
+        max_use=spawn.WORKER_MAX_USE,
+        idle=IDLE,
     )

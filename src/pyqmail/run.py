@@ -150,12 +150,7 @@ class Supervisor:
         )
         self.spawn(
             "qmail-rspawn",
-            lambda: spawn.serve(
-                rspawn.rspawn_deliver(home),
-                rspawn.rspawn_report,
-                queue,
-                max_use=spawn.WORKER_MAX_USE,
-            ),
+            lambda: rspawn.serve(home, queue),
             {0: rsp_cmd[0], 1: rsp_res[1], 2: send_log[1]},
         )
         self.spawn(

@@ -65,6 +65,9 @@ PYQMAIL_CONTROLS: tuple[ControlDoc, ...] = (
     ControlDoc(
         "concurrencyperip", "int", "Incoming SMTP connections per client address (0 = any): "
     ),
+    ControlDoc(
+        "smtpdmaxuse", "int", "Connections one qmail-smtpd process serves (0 = a fork each): "
+    ),
     ControlDoc("tcp.smtp", "list", "SMTP client rule: "),
     ControlDoc(
         "tcp.smtp.cdb", "file", "Compiled tcprules for the SMTP listener.", source="tcp.smtp"

@@ -207,7 +207,7 @@ class Action(enum.Enum):
     RECEIVE = "receive"  # read from the peer and call receive() or connection_lost()
     STARTTLS = "starttls"  # handshake, then tls_established() or tls_failed()
     SEND_MESSAGE = "send_message"  # stream the encoded message and `.CRLF`, then message_sent()
-    DONE = "done"  # close the connection; reports are ready
+    DONE = "done"  # reports are ready; close the connection unless `reusable` says keep it
 
 
 RECEIVE = Action.RECEIVE
@@ -256,6 +256,12 @@ class SMTPClient:
     tls_note: str = ""  # the TLS outcome line added to the message report
     retry_plaintext: bool = False  # opportunistic handshake failed: try this peer again in clear
     extensions: dict[str, str] = field(default_factory=dict)
+    # a connection kept from an earlier transaction: greeting, EHLO and TLS are behind us, and
+    # `extensions` and `tls_note` are what they gave then
+    resumed: bool = False
+    keep_open: bool = False  # after a delivered message, end without QUIT so it can be reused
+    reusable: bool = False  # set when DONE leaves the connection ready for another transaction
+    stale: bool = False  # a resumed connection that was already dead: nothing was transacted
 
     def __post_init__(self) -> None:
         self._parser = ReplyParser()
@@ -263,6 +269,7 @@ class SMTPClient:
         self._lost = False
         self._dot_sent = False
         self._tls_error: str | None = None
+        self._heard = False  # any reply received on this connection in this transaction
         self._gen = self._dialogue()
 
     # -- driver interface -----------------------------------------------------------
@@ -272,9 +279,13 @@ class SMTPClient:
 
     def receive(self, data: bytes) -> None:
         try:
-            self._replies.extend(self._parser.feed(data))
+            replies = self._parser.feed(data)
         except ProtocolError:
             self._lost = True
+            return
+        if replies:
+            self._heard = True
+        self._replies.extend(replies)
 
     def connection_lost(self) -> None:
         self._lost = True
@@ -305,8 +316,14 @@ class SMTPClient:
         try:
             yield from self._run()
         except _Lost:
-            dup = "Possible duplicate! " if self._dot_sent else ""
-            self._final("Z", f"Connected to {self.peer} but connection died. {dup}(#4.4.2)\n")
+            if self.resumed and not self._heard:
+                # the peer closed a kept connection while it sat idle: no command reached
+                # it, so the caller simply connects afresh
+                self.stale = True
+                self.reports.clear()
+            else:
+                dup = "Possible duplicate! " if self._dot_sent else ""
+                self._final("Z", f"Connected to {self.peer} but connection died. {dup}(#4.4.2)\n")
         while True:
             yield DONE
 
@@ -414,18 +431,21 @@ class SMTPClient:
 
     def _run(self) -> Generator[Send | Action, None, None]:
         peer = self.peer
-        reply = yield from self._read()
-        if reply.code != 220:
-            yield from self._quit("Z", f"Connected to {peer} but greeting failed.\n", reply)
-            return
-        ext = yield from self._hello()
-        if ext is None:
-            return
-        if self.tls != TLSMode.NONE:
-            ext = yield from self._starttls(ext)
-            if ext is None:
+        if self.resumed:
+            ext = self.extensions
+        else:
+            reply = yield from self._read()
+            if reply.code != 220:
+                yield from self._quit("Z", f"Connected to {peer} but greeting failed.\n", reply)
                 return
-        self.extensions = ext
+            hello = yield from self._hello()
+            if hello is None:
+                return
+            if self.tls != TLSMode.NONE:
+                hello = yield from self._starttls(hello)
+                if hello is None:
+                    return
+            ext = self.extensions = hello
 
         limit = ext.get("SIZE", "").split(" ")[0]
         if "SIZE" in ext and limit.isdigit() and 0 < int(limit) < self.message.size:
@@ -455,6 +475,11 @@ class SMTPClient:
         else:
             yield from self._send(mail)
         reply = yield from self._read()
+        if self.resumed and reply.code == 421:
+            # the peer is closing the kept connection (idle too long): nothing was
+            # transacted, and the caller connects afresh
+            self.stale = True
+            return
         if reply.code >= 400:
             letter = "D" if reply.code >= 500 else "Z"
             yield from self._quit(letter, f"Connected to {peer} but sender was rejected.\n", reply)
@@ -498,6 +523,11 @@ class SMTPClient:
             yield from self._quit("D", f"{peer} failed after I sent the message.\n", reply)
         elif reply.code >= 400:
             yield from self._quit("Z", f"{peer} failed after I sent the message.\n", reply)
+        elif self.keep_open and not self._parser.pending and not self._replies:
+            # the transaction is over and the peer said nothing more: the connection is
+            # back where it was after EHLO, ready for the next MAIL
+            self._final("K", f"{peer} accepted message.\n", reply)
+            self.reusable = True
         else:
             yield from self._quit("K", f"{peer} accepted message.\n", reply)
 

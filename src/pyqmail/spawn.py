@@ -35,6 +35,9 @@ from pathlib import Path
 from .constants import SPAWN
 
 DeliverFn = Callable[[int, str, str], int]
+# (seconds, hook): a worker that got no delivery for that long calls the hook once
+# (qmail-rspawn closes its kept SMTP connection); it is also called before a worker exits
+IdleHook = tuple[float, Callable[[], None]]
 ReportFn = Callable[[int, bytes], bytes]
 
 _READ = 65536
@@ -83,9 +86,11 @@ class Spawner:
         cmd_fd: int,
         result_fd: int,
         max_use: int = 0,
+        idle: IdleHook | None = None,
     ) -> None:
         self.deliver = deliver
         self.max_use = max_use
+        self.idle_hook = idle
         self.workers: dict[int, _Worker] = {}  # by pid
         self.idle: list[_Worker] = []  # most recently used last
         self.jobs = 0
@@ -338,10 +343,17 @@ class Spawner:
                 sig: signal.getsignal(sig) for sig in (signal.SIGPIPE, signal.SIGALRM)
             }
             for _ in range(self.max_use):
+                if self.idle_hook is not None:
+                    chan.settimeout(self.idle_hook[0])
                 try:
                     job, fds, _flags, _addr = socket.recv_fds(chan, 4096, 2)
                 except InterruptedError:
                     continue
+                except TimeoutError:
+                    if self.idle_hook is not None:
+                        self.idle_hook[1]()
+                    chan.settimeout(None)
+                    job, fds, _flags, _addr = socket.recv_fds(chan, 4096, 2)
                 if len(fds) != 2:
                     break  # the spawner closed our channel: it is done with us
                 sender, _, recipient = job.partition(b"\0")
@@ -380,6 +392,11 @@ class Spawner:
             _report_failure(e)
             code = 111
         finally:
+            if self.idle_hook is not None:
+                try:
+                    self.idle_hook[1]()
+                except BaseException:  # noqa: BLE001, S110 - exiting anyway
+                    pass
             os._exit(code)
 
     # -- children -------------------------------------------------------------------
@@ -504,6 +521,7 @@ def serve(
     cmd_fd: int = 0,
     result_fd: int = 1,
     max_use: int = 0,
+    idle: IdleHook | None = None,
 ) -> int:
     """Run the spawner until qmail-send closes the command pipe; returns the exit code.
 
@@ -514,6 +532,6 @@ def serve(
     # qmail-send's TERM/INT are for qmail-send: a spawner finishes what it started
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    spawner = Spawner(deliver, report, queue_dir, cmd_fd, result_fd, max_use)
+    spawner = Spawner(deliver, report, queue_dir, cmd_fd, result_fd, max_use, idle)
     os.chdir(queue_dir / "mess")
     return spawner.run()
