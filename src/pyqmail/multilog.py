@@ -230,6 +230,22 @@ class LogDir:
                 if self.size >= self.max_size - SLACK:
                     self.rotate()
 
+    def write_lines(self, lines: list[bytes]) -> None:
+        """Append whole lines (no newlines inside, none over MAX_LINE) with one write.
+
+        The lines arrived together, so they share one timestamp; a batch that would
+        cross the rotation size goes line by line, so rotation happens where it should.
+        """
+        if not lines:
+            return
+        stamp = tai64n_label(self.clock()).encode() + b" "
+        batch = b"".join(stamp + line + b"\n" for line in lines)
+        if self.size + len(batch) >= self.max_size - SLACK:
+            for line in lines:
+                self.write(line)
+            return
+        self._append(batch)
+
     def close(self) -> None:
         """fsync `current`, mark it complete (0744) and release the directory."""
         if self._fd >= 0:
@@ -264,12 +280,15 @@ class _Flags:
 
 def _feed(log: LogDir, pending: bytearray, data: bytes) -> None:
     pending += data
-    while True:
-        end = pending.find(b"\n")
-        if end < 0:
-            break
-        log.write(bytes(pending[:end]))
+    end = pending.rfind(b"\n")
+    if end >= 0:
+        lines = bytes(pending[:end]).split(b"\n")
         del pending[: end + 1]
+        if all(len(line) < MAX_LINE for line in lines):
+            log.write_lines(lines)
+        else:
+            for line in lines:
+                log.write(line)
     while len(pending) >= MAX_LINE:
         log.write(bytes(pending[:MAX_LINE]))
         del pending[:MAX_LINE]

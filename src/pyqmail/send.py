@@ -278,23 +278,34 @@ class QmailSend:
         self.trigger_keep = -1
         self.wake_r = -1
         self.ctl_stamp: tuple[float, ...] = ()
-        # fsync waits for the disk, not the CPU, and the disk serves many at once
+        self.log_buf = bytearray()
         self.fresh: dict[int, _Prepared] = {}
         self.spares = spare.pool(self.queue, "s")
+        # fsync waits for the disk, not the CPU, and the disk serves many at once
         self.syncer = ThreadPoolExecutor(max_workers=8, thread_name_prefix="fsync")
 
     # -- logging --------------------------------------------------------------------
 
     def log(self, line: str) -> None:
-        data = (line + "\n").encode("utf-8", "replace")
-        while data:
-            try:
-                n = os.write(self.log_fd, data)
-            except InterruptedError:
-                continue
-            except OSError:
-                return  # a dead logger must not stop deliveries
-            data = data[n:]
+        # lines are gathered and written once per turn of the main loop (before it waits),
+        # not one write per line: a message makes about seven of them
+        self.log_buf += (line + "\n").encode("utf-8", "replace")
+        if len(self.log_buf) >= 16384:
+            self.flush_log()
+
+    def flush_log(self) -> None:
+        view = memoryview(self.log_buf)
+        try:
+            while view:
+                try:
+                    view = view[os.write(self.log_fd, view) :]
+                except InterruptedError:
+                    continue
+        except OSError:
+            pass  # a dead logger must not stop deliveries
+        finally:
+            view.release()
+            self.log_buf.clear()
 
     def log_status(self) -> None:
         loc, rem = self.channels
@@ -330,6 +341,7 @@ class QmailSend:
         return True
 
     def die(self) -> None:
+        self.flush_log()
         os._exit(111)
 
     # -- startup --------------------------------------------------------------------
@@ -342,6 +354,7 @@ class QmailSend:
                 byte = b""
             if not byte:
                 self.log("alert: cannot start: hath the daemon spawn no fire?")
+                self.flush_log()
                 sys.exit(111)
             limit = byte[0]
             conc = self.ctl.concurrencylocal if ch.index == LOCAL else self.ctl.concurrencyremote
@@ -733,6 +746,7 @@ class QmailSend:
                 return
             except OSError:
                 self.log("alert: unable to append to bounce message; HELP! sleeping...")
+                self.flush_log()
                 time.sleep(10)
 
     def mark_done(self, d: Delivery) -> None:
@@ -993,6 +1007,7 @@ class QmailSend:
             self.wait(timeout)
         self.save_schedule()
         self.log("status: exiting")
+        self.flush_log()
         return 0
 
     def step(self, now: float) -> bool:
@@ -1062,6 +1077,7 @@ class QmailSend:
         return min(wait + SLEEP_FUZZ, SLEEP_FOREVER)
 
     def wait(self, timeout: float) -> None:
+        self.flush_log()
         rfds = [ch.result_fd for ch in self.channels] + [self.wake_r]
         if self.trigger_fd >= 0 and not self.exitasap:
             rfds.append(self.trigger_fd)
@@ -1105,6 +1121,13 @@ def start(
     clock_file = os.environ.get("PYQMAIL_CLOCK_FILE")
     clock = file_clock(clock_file) if clock_file else time.time
     send = QmailSend(home, log_fd, local_fds, remote_fds, clean_fds, clock)
+    try:
+        return _start(send, home)
+    finally:
+        send.flush_log()
+
+
+def _start(send: QmailSend, home: Path) -> int:
     try:
         os.chdir(home)
     except OSError:
