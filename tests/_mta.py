@@ -57,13 +57,13 @@ def queue_files(home: Path) -> list[str]:
 
 
 def assert_spares_sane(home: Path) -> int:
-    """Every spare is an empty file with one name: never a live queue file; returns the count."""
+    """Every spare is a file with one name: never a live queue file; returns the count."""
     live = {os.stat(f).st_ino for f in queue_files(home)}
     count = 0
     for pool in ("q", "s"):
         for entry in os.scandir(home / "queue" / "spare" / pool):
             st = entry.stat(follow_symlinks=False)
-            assert st.st_size == 0 and st.st_nlink == 1, (entry.path, st)
+            assert st.st_nlink == 1, (entry.path, st)
             assert st.st_ino not in live, entry.path
             count += 1
     return count

@@ -18,27 +18,30 @@ def _pool(tmp_path: Path) -> spare.SparePool:
     return spare.SparePool(str(tmp_path / "pool"))
 
 
-def test_a_recycled_file_is_emptied_and_taken_back_under_a_new_name(tmp_path: Path) -> None:
+def test_a_recycled_file_is_taken_back_under_a_new_name_and_overwritten(tmp_path: Path) -> None:
     pool = _pool(tmp_path)
     old = tmp_path / "info-1"
-    old.write_bytes(b"Fsomeone@example.test\0")
+    old.write_bytes(b"Fsomeone.with.a.long.name@example.test\0")
     ino = old.stat().st_ino
     past = time.time() - 3 * 86400
     os.utime(old, (past, past))
     assert pool.recycle(str(old), "info.1")
     assert not old.exists()
-    assert (tmp_path / "pool" / "info.1").stat().st_size == 0
+    # kept whole: freeing its blocks is what recycling avoids
+    assert (tmp_path / "pool" / "info.1").stat().st_size > 0
 
     fresh = tmp_path / "info-2"
     fd = pool.take(str(fresh))
     assert fd is not None
     try:
-        os.write(fd, b"Fnew@example.test\0")
+        new = b"Fnew@example.test\0"
+        os.write(fd, new)
+        spare.finish(fd, len(new))
     finally:
         os.close(fd)
     st = fresh.stat()
     assert st.st_ino == ino  # the same inode, no allocation
-    assert fresh.read_bytes() == b"Fnew@example.test\0"
+    assert fresh.read_bytes() == b"Fnew@example.test\0"  # nothing of the old tail
     # times are a new file's: qmail-send's birth time and the 36 h cleanup read them
     assert st.st_mtime > time.time() - 60 and st.st_atime > time.time() - 60
     assert os.listdir(tmp_path / "pool") == []
@@ -58,17 +61,18 @@ def test_an_empty_or_missing_pool_means_plain_creation(tmp_path: Path) -> None:
 
 def test_a_spare_that_is_not_clean_is_never_used(tmp_path: Path) -> None:
     # as a power cut may leave it on a filesystem without a journal: a spare name
-    # that is a second name of a live message, or a file that still has content
+    # that is a second name of a live message, or something that is not a file
     pool = _pool(tmp_path)
     live = tmp_path / "mess-live"
     live.write_bytes(b"a live message\n")
     os.link(live, tmp_path / "pool" / "mess.7")
-    (tmp_path / "pool" / "mess.8").write_bytes(b"leftover")
+    (tmp_path / "pool" / "mess.8").mkdir()
     target = tmp_path / "new-file"
     assert pool.take(str(target)) is None
     assert not target.exists()
     assert live.read_bytes() == b"a live message\n"
-    assert live.stat().st_nlink == 1  # our extra name for it is gone again
+    # both are left where they are, untouched
+    assert sorted(os.listdir(tmp_path / "pool")) == ["mess.7", "mess.8"]
 
 
 def test_the_pool_stops_growing_at_its_limit(

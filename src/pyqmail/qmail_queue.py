@@ -142,6 +142,7 @@ class Enqueuer:
         self.uid = os.getuid() if uid is None else uid
         self.fd = -1
         self.inode = 0
+        self.size = 0  # bytes written to the mess file
         self.made: list[str] = []  # files only write/read failures may remove (as qmail)
 
     def begin(self) -> None:
@@ -185,13 +186,16 @@ class Enqueuer:
             except OSError:
                 raise QueueExit(QQ_PID) from None
             self.made.append(messfn)
-            _write_all(fd, received_line(self.pid, self.how, start))
+            line = received_line(self.pid, self.how, start)
+            _write_all(fd, line)
+            self.size = len(line)
         except QueueExit:
             self.close()
             raise
 
     def write(self, data: bytes | memoryview) -> None:
         _write_all(self.fd, data)
+        self.size += len(data)
 
     def commit(self, read_envelope: Callable[[], bytes]) -> None:
         """Make the message durable, then its envelope, then hand it to qmail-send.
@@ -201,6 +205,7 @@ class Enqueuer:
         """
         queue, n = self.queue, self.inode
         try:
+            spare.finish(self.fd, self.size)
             os.fsync(self.fd)
             fsync_dir(f"{queue}/mess/{n % SPLIT}")
         except OSError:
@@ -221,9 +226,10 @@ class Enqueuer:
                 os.umask(old_umask)
         self.made.append(intdfn)
         try:
-            envelope = read_envelope()
-            _write_all(ifd, b"u%d\0p%d\0" % (self.uid, self.pid) + envelope)
+            envelope = b"u%d\0p%d\0" % (self.uid, self.pid) + read_envelope()
+            _write_all(ifd, envelope)
             try:
+                spare.finish(ifd, len(envelope))
                 os.fsync(ifd)
             except OSError:
                 raise QueueExit(QQ_WRITE) from None

@@ -18,6 +18,7 @@ import select
 import signal
 import sys
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -279,6 +280,7 @@ class QmailSend:
         self.wake_r = -1
         self.ctl_stamp: tuple[float, ...] = ()
         self.log_buf = bytearray()
+        self.clean_waiting: deque[tuple[str, bool]] = deque()  # (command, sent with clean_later)
         self.fresh: dict[int, _Prepared] = {}
         self.spares = spare.pool(self.queue, "s")
         # fsync waits for the disk, not the CPU, and the disk serves many at once
@@ -320,25 +322,78 @@ class QmailSend:
     # -- qmail-clean ----------------------------------------------------------------
 
     def clean(self, command: str) -> bool:
+        return self.clean_all([command])[0]
+
+    def clean_all(self, commands: list[str]) -> list[bool]:
+        """Send qmail-clean these commands and wait for their answers (in order)."""
+        if not commands:
+            return []
+        self.clean_send(commands)
+        results: list[bool] = []
+        while len(results) < len(commands):
+            for command, ok in self.clean_collect(block=True):
+                if command is None:
+                    results.append(ok)
+        return results
+
+    def clean_later(self, command: str) -> None:
+        """A removal whose outcome nothing waits for: its answer is read in passing.
+
+        Only `foop/N` goes this way: if it fails, the 36-hour cleanup pass finds the
+        orphaned files and asks again, as it does after a crash.
+        """
+        self.clean_send([command], later=True)
+        if len(self.clean_waiting) > 1000:
+            # qmail-clean blocks once its answer pipe is full: never let it get there
+            self.clean_collect(block=True)
+
+    def clean_send(self, commands: list[str], later: bool = False) -> None:
+        data = b"".join(c.encode() + b"\0" for c in commands)
         try:
-            os.write(self.clean_cmd, command.encode() + b"\0")
-            reply = b""
-            while not reply:
+            view = memoryview(data)
+            while view:
                 try:
-                    reply = os.read(self.clean_reply, 1)
+                    view = view[os.write(self.clean_cmd, view) :]
                 except InterruptedError:
                     continue
-                if not reply:
-                    break
         except OSError:
-            reply = b""
-        if not reply:
             self.log("alert: oh no! lost qmail-clean connection! dying...")
             self.die()
-        if reply != b"+":
-            self.log(f"warning: qmail-clean unable to clean up {command}")
-            return False
-        return True
+        for c in commands:
+            self.clean_waiting.append((c, later))
+
+    def clean_collect(self, block: bool) -> list[tuple[str | None, bool]]:
+        """Read the answers qmail-clean has ready (at least one if block).
+
+        Returns (command, ok) per answer, with command None for answers someone waits
+        for in clean_all; failures of commands sent with clean_later are logged here.
+        """
+        if not self.clean_waiting:
+            return []
+        if not block:
+            ready, _, _ = select.select([self.clean_reply], [], [], 0)
+            if not ready:
+                return []
+        while True:
+            try:
+                replies = os.read(self.clean_reply, len(self.clean_waiting))
+                break
+            except InterruptedError:
+                continue
+            except OSError:
+                replies = b""
+                break
+        if not replies:
+            self.log("alert: oh no! lost qmail-clean connection! dying...")
+            self.die()
+        out: list[tuple[str | None, bool]] = []
+        for byte in replies:
+            command, later = self.clean_waiting.popleft()
+            ok = byte == ord("+")
+            if not ok:
+                self.log(f"warning: qmail-clean unable to clean up {command}")
+            out.append((None if not later else command, ok))
+        return out
 
     def die(self) -> None:
         self.flush_log()
@@ -456,11 +511,13 @@ class QmailSend:
             if failed_dirs:
                 p.ok = False  # which message's link is durable is unknown: retry them all
         now = self.clock()
-        for p in prepared:
-            if not p.ok:
-                continue  # todo stays; retried on the next scan
+        ready = [p for p in prepared if p.ok]  # the others stay in todo for the next scan
+        for p in ready:
             self.log(f"info msg {p.n}: bytes {p.size} from <{safe(p.sender)}> qp {p.qp} uid {p.uid}")
-            if not self.clean(f"todo/{p.n}"):
+        # one round trip to qmail-clean for the whole batch, not one per message
+        cleaned = self.clean_all([f"todo/{p.n}" for p in ready])
+        for p, ok in zip(ready, cleaned, strict=True):
+            if not ok:
                 continue
             any_channel = False
             for ch in self.channels:
@@ -552,6 +609,7 @@ class QmailSend:
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view) :]
+            spare.finish(fd, len(data))
         except OSError:
             os.close(fd)
             self.log(f"warning: trouble writing to {fname}")
@@ -806,7 +864,8 @@ class QmailSend:
         except OSError:
             self.log(f"warning: unable to unlink {rel('info', n)}; will try again later")
             return False
-        return self.clean(f"foop/{n}")
+        self.clean_later(f"foop/{n}")
+        return True
 
     def inject_bounce(self, n: int) -> bool:
         try:
@@ -904,7 +963,7 @@ class QmailSend:
                     continue
                 if os.path.exists(self.path("info", n)) or os.path.exists(self.path("todo", n)):
                     continue
-                self.clean(f"foop/{n}")
+                self.clean_later(f"foop/{n}")
 
     # -- signals --------------------------------------------------------------------
 
@@ -1006,6 +1065,8 @@ class QmailSend:
             timeout = 0.0 if busy else self.timeout(now)
             self.wait(timeout)
         self.save_schedule()
+        while self.clean_waiting:  # qmail-clean finishes what it was asked before we go
+            self.clean_collect(block=True)
         self.log("status: exiting")
         self.flush_log()
         return 0
@@ -1079,6 +1140,8 @@ class QmailSend:
     def wait(self, timeout: float) -> None:
         self.flush_log()
         rfds = [ch.result_fd for ch in self.channels] + [self.wake_r]
+        if self.clean_waiting:
+            rfds.append(self.clean_reply)
         if self.trigger_fd >= 0 and not self.exitasap:
             rfds.append(self.trigger_fd)
         wfds = [ch.cmd_fd for ch in self.channels if ch.pending]
@@ -1095,6 +1158,8 @@ class QmailSend:
                 self.read_results(ch)
             if ch.cmd_fd in writable:
                 self.flush_pending(ch)
+        if self.clean_reply in readable:
+            self.clean_collect(block=False)
         if self.wake_r in readable:
             try:
                 while os.read(self.wake_r, 4096):

@@ -1,23 +1,29 @@
-"""Recycled queue files: finished files are emptied and kept for the next message.
+"""Recycled queue files: finished files are kept, with their blocks, for the next message.
 
 Every message used to cost the queue four new inodes (mess, intd, info and
-local or remote) and four freed ones.  On ext4 without a journal (this
-project's machines) a freed inode is not reused for about a minute, and every
-new file scans past all such inodes, so under load most of the kernel's time
-went into allocating queue files (see ../shared/benchmarking.md).  Instead,
-a finished file is truncated and renamed into a pool directory, and a new
-queue file is made by renaming a spare from the pool to its name.  Names,
-contents and the order of writes and fsyncs in the queue stay exactly
-qmail's; only where an inode comes from changes.
+local or remote) and four freed ones, with their data blocks.  On ext4 without
+a journal (this project's machines) a freed inode is not reused for about a
+minute and every new file scans past all such inodes; and with the `discard`
+mount option every freed block is discarded on the device before the unlink or
+truncate returns.  Under load most of the kernel's time went there (see
+../shared/benchmarking.md).  Instead, a finished file is renamed, as it is,
+into a pool directory, and a new queue file is made by renaming a spare from
+the pool to its name and writing over the old bytes; the writer then cuts the
+file to the length it wrote (`finish`), so at most the few blocks past the new
+end are freed.  Names, contents and the order of writes and fsyncs in the
+queue stay exactly qmail's; only where an inode and its blocks come from
+changes.
 
 Two pools, by owner, so that a root install keeps qmail's split: spare/q for
 qmail-queue's files (mess, intd; recycled by qmail-clean) and spare/s for
 qmail-send's (info, local, remote).  A missing pool directory, or any error,
-falls back to plain creation and unlinking.
+falls back to plain creation and unlinking.  The pools hold old queue data, so
+they are as private as the queue (mode 0700, the queue owner's).
 
-A spare is used only if it is still an empty regular file with one name: after
-a power cut on a filesystem without a journal, a rename may leave a second name
-behind, and such a file may be a live message; it is then left alone.
+A spare is used only if it is a regular file with a single name: after a power
+cut on a filesystem without a journal, a rename may leave a second name behind
+(fsck then counts both names), and such a file may be a live message; it is
+then left alone.
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ class SparePool:
     # -- giving back ----------------------------------------------------------------
 
     def recycle(self, path: str, name: str) -> bool:
-        """Empty the finished file at path and keep it as a spare called name.
+        """Keep the finished file at path as a spare called name.
 
         Returns True if the file is gone from path (recycled or already absent),
         False if the caller should unlink it as before.
@@ -57,7 +63,6 @@ class SparePool:
         if self.full:
             return False
         try:
-            os.truncate(path, 0)
             os.rename(path, f"{self.dir}/{name}")
         except FileNotFoundError:
             return not os.path.exists(path)
@@ -70,8 +75,9 @@ class SparePool:
     def take(self, target: str) -> int | None:
         """Rename a spare to target and open it for writing; None if no spare is left.
 
-        The returned descriptor is positioned at 0 on an empty file whose times are
-        now, as a freshly created file's would be.
+        The returned descriptor is positioned at 0, with the file's times set to now
+        as a new file's would be; the file still holds old bytes, so the caller must
+        call finish() once it has written everything.
         """
         for _ in range(64):  # bounded: other processes may be taking the same spares
             if not self.names:
@@ -88,10 +94,19 @@ class SparePool:
                 # same names
                 random.shuffle(self.names)
             name = self.names.pop()
+            path = f"{self.dir}/{name}"
             try:
-                os.rename(f"{self.dir}/{name}", target)
+                st = os.lstat(path)
             except FileNotFoundError:
                 continue  # another process took it first
+            except OSError:
+                return None
+            if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+                continue  # not a clean spare (see above): it stays where it is, unused
+            try:
+                os.rename(path, target)
+            except FileNotFoundError:
+                continue
             except OSError:
                 return None
             try:
@@ -101,17 +116,26 @@ class SparePool:
                 return None
             try:
                 st = os.fstat(fd)
-                clean = stat.S_ISREG(st.st_mode) and st.st_size == 0 and st.st_nlink == 1
+                clean = stat.S_ISREG(st.st_mode) and st.st_nlink == 1
                 if clean:
                     os.utime(fd)
             except OSError:
                 clean = False
             if clean:
                 return fd
-            # not a clean spare: drop our name for it and touch nothing else
+            # it changed under us: drop our name for it and touch nothing else
             os.close(fd)
             _drop_name(target)
         return None
+
+
+def finish(fd: int, length: int) -> None:
+    """Cut a file written from offset 0 to the length written (a spare's old tail goes).
+
+    Harmless on a newly created file; call it before the fsync, so the length is
+    durable with the data.
+    """
+    os.ftruncate(fd, length)
 
 
 def _drop_name(path: str) -> None:
