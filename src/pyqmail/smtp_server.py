@@ -798,7 +798,12 @@ class SMTPServer:
         sc = self._scan
         out = bytearray()
         i = 0
+        careful_until = 0  # lines the quick path turned down go through the careful scan once
         while i < n:
+            if sc.line_start and not sc.in_header and i >= careful_until and buf[i] != _DOT:
+                i, careful_until = self._scan_body_lines(buf, i, n, out)
+                if i >= n:
+                    break
             if sc.line_start:
                 if buf[i] == _DOT:
                     if i + 1 >= n:
@@ -837,6 +842,40 @@ class SMTPServer:
         del buf[:i]
         self._emit(out)
         return i > 0
+
+    def _scan_body_lines(
+        self, buf: bytearray, i: int, n: int, out: bytearray
+    ) -> tuple[int, int]:
+        """Take whole body lines from buf[i:] in one piece when nothing in them needs care.
+
+        The line-by-line scan decides the same for each line; this only skips it for
+        a run of complete lines with no dot at a line start, no bare CR or LF, none
+        over the line limit, within databytes, while data is still being kept.
+        Returns (where scanning goes on, where the careful scan may stop): when the
+        run is turned down, the careful scan takes all of it, so no byte is looked
+        at by this quick path twice.
+        """
+        sc = self._scan
+        c = self.config
+        end = buf.rfind(b"\r\n", i, n)
+        if end < i:
+            return i, n
+        if sc.too_big or sc.long_line or sc.hops >= c.max_hops:
+            return i, n
+        block = bytes(buf[i : end + 2])
+        crlf = block.count(b"\r\n")
+        quick = block.count(b"\r") == crlf and block.count(b"\n") == crlf
+        quick = quick and b"\n." not in block
+        if quick and c.text_line_max:
+            quick = max(map(len, block.split(b"\r\n"))) + 2 <= c.text_line_max
+        stored = len(block) - crlf
+        if quick and c.databytes:
+            quick = sc.size + stored <= c.databytes
+        if not quick:
+            return i, end + 2
+        sc.size += stored
+        out += block.replace(b"\r\n", b"\n")
+        return end + 2, end + 2
 
     def _store(self, seg: bytes | bytearray, eol: bool, out: bytearray) -> None:
         sc = self._scan
