@@ -581,17 +581,19 @@ def test_kill_mta_during_delivery(qmail_home: Path) -> None:
         for rnd in range(14):
             if time.monotonic() > deadline:
                 break
-            sent += queue_batch(qmail_home, f"r{rnd}-", 40, rng)
+            # enough mail, and short enough pauses, that a kill lands while deliveries run
+            # (reused delivery workers drain a small batch in well under a second)
+            sent += queue_batch(qmail_home, f"r{rnd}-", 100, rng)
             before = maildir_count(boxes["bob"])
             if rnd % 2:
                 # some crashes land in startup: recovery, the todo scan, preprocessing
                 mta.start()
-                time.sleep(rng.uniform(0.02, 0.6))
+                time.sleep(rng.uniform(0.02, 0.3))
             else:
                 restart(mta)
                 # new mail arriving while deliveries run
                 sent += queue_batch(qmail_home, f"r{rnd}+", 10, rng)
-                time.sleep(rng.uniform(0.0, 0.3))
+                time.sleep(rng.uniform(0.0, 0.15))
             if not queue_empty(qmail_home) and maildir_count(boxes["bob"]) > before:
                 mid_delivery += 1
             if rnd % 3 == 2:

@@ -454,14 +454,13 @@ def deliver(
             if tcpto.dead(target.ip):
                 continue
             key = (target.ip, port, settings, policy.mode, policy.cafile, policy.name)
+
+            def client_for(mode: TLSMode, ip: str = target.ip, **more: Any) -> SMTPClient:
+                return SMTPClient(ip, settings.helo, sender, recipients, msg.info(), mode, **more)
+
             kept = _take_kept(key) if keep else None
             if kept is not None:
-                client = SMTPClient(
-                    target.ip,
-                    settings.helo,
-                    sender,
-                    recipients,
-                    msg.info(),
+                client = client_for(
                     policy.mode,
                     tls_note=kept.tls_note,
                     extensions=kept.extensions,
@@ -477,15 +476,7 @@ def deliver(
             tcpto.record(target.ip, timed_out)
             if sock is None:
                 continue
-            client = SMTPClient(
-                target.ip,
-                settings.helo,
-                sender,
-                recipients,
-                msg.info(),
-                policy.mode,
-                keep_open=keep,
-            )
+            client = client_for(policy.mode, keep_open=keep)
             conn = run_session(sock, client, msg, policy, target)
             if conn is not None:
                 _kept = _Kept(key, conn, client.extensions, client.tls_note, time.monotonic())
@@ -494,12 +485,7 @@ def deliver(
                 sock, _ = _connect(target.ip, port, settings)
                 if sock is None:
                     return client.reports
-                client = SMTPClient(
-                    target.ip,
-                    settings.helo,
-                    sender,
-                    recipients,
-                    msg.info(),
+                client = client_for(
                     TLSMode.NONE,
                     tls_note=f"TLS: handshake failed ({failed}); sent in clear text.\n",
                 )

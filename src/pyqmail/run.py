@@ -53,7 +53,15 @@ def _place_fds(fdmap: dict[int, int]) -> None:
                 os.close(null)
 
 
-def fork_child(body: Child, fdmap: dict[int, int]) -> int:
+def fork_child(body: Child, fdmap: dict[int, int], handles_signals: bool = False) -> int:
+    """Fork a child that runs body with its fds placed as fdmap says.
+
+    The supervisor holds TERM, INT, HUP and ALRM blocked while it starts children.
+    A child that installs its own handlers for them (handles_signals) gets them still
+    blocked and unblocks them itself once its handlers are in place, so a TERM that
+    comes during its start-up is handled (qmail-send logs `status: exiting`) instead
+    of killing it outright.
+    """
     # unwritten stdio output would otherwise be written again by the child
     sys.stdout.flush()
     sys.stderr.flush()
@@ -64,7 +72,8 @@ def fork_child(body: Child, fdmap: dict[int, int]) -> int:
     try:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, signal.SIGALRM):
             signal.signal(sig, signal.SIG_DFL)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, _CONTROL_SIGNALS)
+        if not handles_signals:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _CONTROL_SIGNALS)
         _place_fds(fdmap)
         if 2 in fdmap:
             sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115
@@ -171,6 +180,7 @@ class Supervisor:
                 6: cln_cmd[1],
                 7: cln_res[0],
             },
+            handles_signals=True,
         )
         rules = home / "control" / "tcp.smtp.cdb"
         self.smtpd_pid = self.spawn(
@@ -208,8 +218,10 @@ class Supervisor:
         )
         self.out(f"  queue: {queue}   stop with Ctrl-C or SIGTERM; SIGHUP rereads controls")
 
-    def spawn(self, name: str, body: Child, fdmap: dict[int, int]) -> int:
-        pid = fork_child(body, fdmap)
+    def spawn(
+        self, name: str, body: Child, fdmap: dict[int, int], handles_signals: bool = False
+    ) -> int:
+        pid = fork_child(body, fdmap, handles_signals)
         self.pids[pid] = name
         return pid
 

@@ -1034,6 +1034,11 @@ class QmailSend:
         signal.signal(signal.SIGINT, self.on_term)
         signal.signal(signal.SIGHUP, self.on_hup)
         signal.signal(signal.SIGALRM, self.on_alrm)
+        # `pyqmail run` starts us with these blocked; a TERM that came meanwhile is
+        # delivered now, to the handler
+        signal.pthread_sigmask(
+            signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGALRM}
+        )
         # select() is restarted after a signal handler runs (PEP 475); the wakeup
         # pipe makes a TERM/HUP/ALRM end the wait at once
         self.wake_r, wake_w = os.pipe()

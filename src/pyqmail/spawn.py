@@ -180,13 +180,7 @@ class Spawner:
                 self.hand_to_worker(slot, msg_fd, rfd, wfd, sender, recipient)
                 return
             try:
-                # objects the parent already has go to the permanent generation, so the
-                # child's collector never walks (and copy-on-write copies) their pages
-                gc.freeze()
-                # unwritten stdio output would otherwise be written again by the child
-                sys.stdout.flush()
-                sys.stderr.flush()
-                pid = os.fork()
+                pid = _warm_fork()
             except OSError:
                 os.close(rfd)
                 os.close(wfd)
@@ -269,10 +263,7 @@ class Spawner:
         except OSError:
             return None
         try:
-            gc.freeze()
-            sys.stdout.flush()
-            sys.stderr.flush()
-            pid = os.fork()
+            pid = _warm_fork()
         except OSError:
             ours.close()
             theirs.close()
@@ -454,7 +445,10 @@ class Spawner:
         os.set_blocking(wake_w, False)
         signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
         signal.signal(signal.SIGCHLD, lambda signum, frame: None)
-        os.write(self.result_fd, bytes([SPAWN]))
+        try:
+            os.write(self.result_fd, bytes([SPAWN]))
+        except OSError:
+            return 111  # qmail-send is already gone
         reading = True
         while reading or self.children:
             fds = [ch.fd for ch in self.children.values() if not ch.eof] + [wake_r]
@@ -505,6 +499,17 @@ class Spawner:
         for worker in list(self.workers.values()):
             self.drop_worker(worker)
         return 0
+
+
+def _warm_fork() -> int:
+    """os.fork, after putting what this process has aside for the child to share."""
+    # objects the parent already has go to the permanent generation, so the child's
+    # collector never walks (and copy-on-write copies) their pages
+    gc.freeze()
+    # unwritten stdio output would otherwise be written again by the child
+    sys.stdout.flush()
+    sys.stderr.flush()
+    return os.fork()
 
 
 def _report_failure(e: BaseException) -> None:
