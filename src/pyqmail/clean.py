@@ -29,7 +29,13 @@ def _unlink(path: str) -> bool:
 
 def _remove(spares: spare.SparePool, path: str, name: str) -> bool:
     """Remove a finished queue file, keeping its inode as a spare when the pool has room."""
-    return spares.recycle(path, name) or _unlink(path)
+    try:
+        spares.remove(path, name)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    return True
 
 
 def sweep_pids(queue: Path, now: float | None = None) -> None:

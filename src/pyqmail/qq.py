@@ -228,6 +228,17 @@ def same_owner(home: Path | str) -> bool:
         return False
 
 
+def open_queue(home: Path | str, invoked: str) -> QueueClient | InProcessQueue:
+    """qmail-queue for a long-lived caller: in-process when that isolates nothing.
+
+    That is when $QMAILQUEUE names no other program and this process owns the queue;
+    otherwise qmail-queue (or $QMAILQUEUE) runs as its own process, as in qmail.
+    """
+    if not os.environ.get("QMAILQUEUE") and same_owner(home):
+        return InProcessQueue(home, invoked)
+    return QueueClient(home, invoked=invoked)
+
+
 def queue_message(
     home: Path | str,
     message: bytes,

@@ -39,7 +39,7 @@ from .constants import (
 from .control import ControlError, SendControls, domain_suffixes
 from .fmt import quote, quote2, rfc822_date, safe
 from .home import HOME_HELP, resolve_home
-from .qq import InProcessQueue, QueueClient, same_owner
+from .qq import open_queue
 from .queue import fsync_dir, rel
 
 LOCAL, REMOTE = 0, 1
@@ -331,9 +331,7 @@ class QmailSend:
         self.clean_send(commands)
         results: list[bool] = []
         while len(results) < len(commands):
-            for command, ok in self.clean_collect(block=True):
-                if command is None:
-                    results.append(ok)
+            results += [ok for later, ok in self.clean_collect(block=True) if not later]
         return results
 
     def clean_later(self, command: str) -> None:
@@ -362,11 +360,10 @@ class QmailSend:
         for c in commands:
             self.clean_waiting.append((c, later))
 
-    def clean_collect(self, block: bool) -> list[tuple[str | None, bool]]:
+    def clean_collect(self, block: bool) -> list[tuple[bool, bool]]:
         """Read the answers qmail-clean has ready (at least one if block).
 
-        Returns (command, ok) per answer, with command None for answers someone waits
-        for in clean_all; failures of commands sent with clean_later are logged here.
+        Returns (sent with clean_later, ok) per answer, in order; failures are logged.
         """
         if not self.clean_waiting:
             return []
@@ -386,13 +383,13 @@ class QmailSend:
         if not replies:
             self.log("alert: oh no! lost qmail-clean connection! dying...")
             self.die()
-        out: list[tuple[str | None, bool]] = []
+        out: list[tuple[bool, bool]] = []
         for byte in replies:
             command, later = self.clean_waiting.popleft()
             ok = byte == ord("+")
             if not ok:
                 self.log(f"warning: qmail-clean unable to clean up {command}")
-            out.append((None if not later else command, ok))
+            out.append((later, ok))
         return out
 
     def die(self) -> None:
@@ -828,8 +825,7 @@ class QmailSend:
         if job.remaining <= 0:
             kind = CHANNEL_NAMES[ch.index]
             try:
-                if not self.spares.recycle(job.path, f"{kind}.{job.msg}"):
-                    os.unlink(job.path)
+                self.spares.remove(job.path, f"{kind}.{job.msg}")
             except FileNotFoundError:
                 pass
             except OSError:
@@ -857,8 +853,7 @@ class QmailSend:
         self.fresh.pop(n, None)
         self.log(f"end msg {n}")
         try:
-            if not self.spares.recycle(self.path("info", n), f"info.{n}"):
-                os.unlink(self.path("info", n))
+            self.spares.remove(self.path("info", n), f"info.{n}")
         except FileNotFoundError:
             pass
         except OSError:
@@ -916,13 +911,9 @@ class QmailSend:
                 )
                 tail += f"\nReturn-Path: <{quote2(sender)}>\n"
                 try:
-                    # no fork from this process (it runs fsync threads) unless qmail-queue
-                    # must run as another uid or is replaced by $QMAILQUEUE
-                    qq: QueueClient | InProcessQueue
-                    if not os.environ.get("QMAILQUEUE") and same_owner(self.home):
-                        qq = InProcessQueue(self.home, "for bounce")
-                    else:
-                        qq = QueueClient(self.home, invoked="for bounce")
+                    # in-process, no fork from this process (it runs fsync threads), unless
+                    # qmail-queue must run as another uid or is replaced by $QMAILQUEUE
+                    qq = open_queue(self.home, "for bounce")
                 except OSError:
                     self.log("warning: unable to start qmail-queue, will try later")
                     return False

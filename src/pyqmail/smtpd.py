@@ -59,7 +59,7 @@ from .constants import BREAK
 from .control import Control, ControlError, domain_suffixes
 from .fmt import rfc822_date, safe
 from .home import HOME_HELP, resolve_home
-from .qq import InProcessQueue, QueueClient, QueueResult, same_owner
+from .qq import InProcessQueue, QueueClient, QueueResult, open_queue
 from .smtp_server import (
     R_QQT,
     AuthRequested,
@@ -594,10 +594,7 @@ class Session:
         else:
             os.environ.pop("QMAILQUEUE", None)
         try:
-            if not queue_program and same_owner(self.home):
-                self.qq = InProcessQueue(self.home, "from network")
-            else:
-                self.qq = QueueClient(self.home, invoked="from network")
+            self.qq = open_queue(self.home, "from network")
         except OSError as e:
             self.log(f"message refused: unable to start qmail-queue: {e.strerror}")
             srv.respond(R_QQT)

@@ -70,6 +70,14 @@ class SparePool:
             return False
         return True
 
+    def remove(self, path: str, name: str) -> None:
+        """Take a finished file out of the queue: kept as a spare if possible, else unlinked.
+
+        Raises OSError as os.unlink does (a file already gone is not an error).
+        """
+        if not self.recycle(path, name):
+            os.unlink(path)
+
     # -- taking ---------------------------------------------------------------------
 
     def take(self, target: str) -> int | None:

@@ -213,10 +213,7 @@ class Spawner:
             gc.disable()  # a short-lived child: collecting would only copy shared pages
             code = self.deliver(0, sender, recipient)
         except BaseException as e:  # noqa: BLE001 - the child must always report
-            try:
-                os.write(2, f"Delivery process failed: {e}. (#4.3.0)\n".encode(errors="replace"))
-            except OSError:
-                pass
+            _report_failure(e)
             code = 111
         finally:
             try:
@@ -320,10 +317,9 @@ class Spawner:
             keep = chan.fileno()
             os.closerange(3, keep)
             os.closerange(keep + 1, 65536)
-            null = os.open(os.devnull, os.O_RDWR)
+            null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)  # kept: reused per delivery
             for fd in (0, 1, 2):
                 os.dup2(null, fd)
-            os.close(null)
             sys.stdout = open(1, "w", encoding="utf-8", errors="surrogateescape", closefd=False)
             sys.stderr = sys.stdout
             cwd = os.getcwd()
@@ -334,17 +330,7 @@ class Spawner:
                 sig: signal.getsignal(sig) for sig in (signal.SIGPIPE, signal.SIGALRM)
             }
             for _ in range(self.max_use):
-                if self.idle_hook is not None:
-                    chan.settimeout(self.idle_hook[0])
-                try:
-                    job, fds, _flags, _addr = socket.recv_fds(chan, 4096, 2)
-                except InterruptedError:
-                    continue
-                except TimeoutError:
-                    if self.idle_hook is not None:
-                        self.idle_hook[1]()
-                    chan.settimeout(None)
-                    job, fds, _flags, _addr = socket.recv_fds(chan, 4096, 2)
+                job, fds = self.next_job(chan)
                 if len(fds) != 2:
                     break  # the spawner closed our channel: it is done with us
                 sender, _, recipient = job.partition(b"\0")
@@ -365,10 +351,8 @@ class Spawner:
                 except Exception:  # noqa: BLE001 - the report pipe may be gone
                     pass
                 # the report pipe's last writer must go, or the spawner never sees its end
-                null = os.open(os.devnull, os.O_RDWR)
                 for fd in (0, 1, 2):
                     os.dup2(null, fd)
-                os.close(null)
                 os.chdir(cwd)
                 os.umask(umask)
                 os.environ.clear()
@@ -389,6 +373,20 @@ class Spawner:
                 except BaseException:  # noqa: BLE001, S110 - exiting anyway
                     pass
             os._exit(code)
+
+    def next_job(self, chan: socket.socket) -> tuple[bytes, list[int]]:
+        """A worker's next delivery from the spawner: (sender NUL recipient, [msg, report]).
+
+        With an idle hook, a worker that waits longer than its time calls it once first.
+        """
+        if self.idle_hook is not None:
+            chan.settimeout(self.idle_hook[0])
+            try:
+                return socket.recv_fds(chan, 4096, 2)[:2]
+            except TimeoutError:
+                self.idle_hook[1]()
+                chan.settimeout(None)
+        return socket.recv_fds(chan, 4096, 2)[:2]
 
     # -- children -------------------------------------------------------------------
 

@@ -545,10 +545,7 @@ class TCPServer:
         if data != b"r":  # end of channel: it exited (max_use reached, or it died)
             self._drop_worker(worker)
             return
-        if worker.ip is not None:
-            self._uncount(worker.ip)
-            worker.ip = None
-            self.busy -= 1
+        self._release(worker)
         worker.idle_since = time.monotonic()
         self.idle.append(worker)
         self._status()
@@ -557,15 +554,19 @@ class TCPServer:
         """Forget a worker; closing its channel makes it exit after its current client."""
         if self.workers.pop(worker.pid, None) is None:
             return
-        if worker.ip is not None:
-            self._uncount(worker.ip)
-            worker.ip = None
-            self.busy -= 1
+        self._release(worker)
         if worker in self.idle:
             self.idle.remove(worker)
         if self._sel is not None:
             self._sel.unregister(worker.chan)
         worker.chan.close()
+
+    def _release(self, worker: _Worker) -> None:
+        """The worker's client is gone: free its slot and its address's count."""
+        if worker.ip is not None:
+            self._uncount(worker.ip)
+            worker.ip = None
+            self.busy -= 1
 
     def _idle_timeout(self) -> float | None:
         if not self.idle:
@@ -587,10 +588,7 @@ class TCPServer:
             baseline = dict(os.environ)
             served = 0
             while served < self.opts.max_use:
-                try:
-                    payload, fds, _flags, _addr = socket.recv_fds(chan, 512, 1)
-                except InterruptedError:
-                    continue
+                payload, fds, _flags, _addr = socket.recv_fds(chan, 512, 1)
                 if not fds:
                     break  # the server is stopping, or retired us for idleness
                 conn = socket.socket(fileno=fds[0])
