@@ -325,6 +325,23 @@ def test_data_unstuffing_and_line_ends() -> None:
     assert d.messages == [b".leading\n..two\nx\nplain\n\n"]
 
 
+def test_body_runs_stop_at_dot_lines_in_the_same_read() -> None:
+    # after the header, runs of plain lines are taken whole; each run must end
+    # where a line starts with a dot, whether stuffed, the end of data or smuggled
+    body = b"".join(b"%dXXXX\r\n" % i for i in range(50))
+    d = helo_session()
+    d.send(TXN)
+    out = d.send(b"H: v\r\n\r\n" + body + b"..stuffed\r\n" + body + b".\r\nNOOP\r\n")
+    assert out == b"250 ok 1 qp 2\r\n250 ok\r\n"
+    plain = body.replace(b"\r\n", b"\n")
+    assert d.messages == [b"H: v\n\n" + plain + b".stuffed\n" + plain]
+    d2 = helo_session()
+    d2.send(TXN)
+    out = d2.send(b"H: v\r\n\r\n" + body + b"x\n.\r\n" + body + b".\r\n")
+    assert out.startswith(b"451 ")  # the bare LF before the dot is refused, not an end
+    assert d2.messages == []
+
+
 def test_empty_message_right_after_354() -> None:
     d = helo_session()
     d.send(TXN)

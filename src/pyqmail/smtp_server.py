@@ -862,7 +862,13 @@ class SMTPServer:
             return i, n
         if sc.too_big or sc.long_line or sc.hops >= c.max_hops:
             return i, n
-        block = bytes(buf[i : end + 2])
+        stop = end + 2
+        # the run ends before the first line that starts with a dot (the end of data
+        # is usually in the same read as the body's last lines)
+        dot = buf.find(b"\n.", i, stop)
+        if dot >= 0:
+            stop = dot + 1
+        block = bytes(buf[i:stop])
         crlf = block.count(b"\r\n")
         quick = block.count(b"\r") == crlf and block.count(b"\n") == crlf
         quick = quick and b"\n." not in block
@@ -872,10 +878,10 @@ class SMTPServer:
         if quick and c.databytes:
             quick = sc.size + stored <= c.databytes
         if not quick:
-            return i, end + 2
+            return i, stop
         sc.size += stored
         out += block.replace(b"\r\n", b"\n")
-        return end + 2, end + 2
+        return stop, stop
 
     def _store(self, seg: bytes | bytearray, eol: bool, out: bytearray) -> None:
         sc = self._scan
