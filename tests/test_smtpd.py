@@ -15,10 +15,12 @@ from pathlib import Path
 import pytest
 
 from _smtp_util import ForkedSMTPD, queue_leftovers, queued
+from pyqmail import smtpd as smtpd_module
 from pyqmail.cdb import cdb_write
-from pyqmail.control import write_control
+from pyqmail.control import ControlError, write_control
 from pyqmail.smtpd import (
     LocalRecipients,
+    Settings,
     protocol_word,
     received_line,
     sanitize_received,
@@ -163,6 +165,40 @@ def test_missing_me_and_greeting_refuses_to_run(qmail_home: Path, tmp_path: Path
         s.stop()
 
 
+def test_settings_are_reread_while_control_files_are_fresh(qmail_home: Path) -> None:
+    # a file written just now may be written again within the same timestamp tick,
+    # so it is read at every connection until it has settled
+    write_control(qmail_home, "databytes", ["100"])
+    first = Settings.load(qmail_home, {})
+    write_control(qmail_home, "databytes", ["200"])  # same size, probably the same tick
+    second = Settings.load(qmail_home, {})
+    assert (first.databytes, second.databytes) == (100, 200)
+    assert second is not Settings.load(qmail_home, {})
+
+
+def test_settled_settings_are_kept_until_a_file_changes(
+    qmail_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(smtpd_module, "_SETTLE_SECONDS", 0.0)
+    write_control(qmail_home, "databytes", ["100"])
+    first = Settings.load(qmail_home, {})
+    assert Settings.load(qmail_home, {}) is first  # nothing changed: no file read again
+    write_control(qmail_home, "badmailfrom", ["spam@example.org"])
+    assert Settings.load(qmail_home, {}).badmailfrom == {"spam@example.org"}
+    (qmail_home / "control" / "badmailfrom").unlink()
+    assert Settings.load(qmail_home, {}).badmailfrom == frozenset()
+    write_control(qmail_home, "databytes", ["20000"])
+    assert Settings.load(qmail_home, {}).databytes == 20000
+    # the environment's overrides apply per connection and leave the files' values alone
+    assert Settings.load(qmail_home, {"DATABYTES": "10"}).databytes == 10
+    assert Settings.load(qmail_home, {"REJECTUNKNOWN": "1"}).reject_unknown is True
+    assert Settings.load(qmail_home, {}).databytes == 20000
+    assert Settings.load(qmail_home, {}).reject_unknown is False
+    write_control(qmail_home, "databytes", ["lots"])
+    with pytest.raises(ControlError):
+        Settings.load(qmail_home, {})
+
+
 def test_broken_control_file_is_421(qmail_home: Path, tmp_path: Path) -> None:
     write_control(qmail_home, "databytes", ["lots"])
     s = ForkedSMTPD(qmail_home, ENV, tmp_path / "log")
@@ -301,6 +337,48 @@ def test_timeout_when_client_never_speaks(smtpd: Start, qmail_home: Path) -> Non
     assert 0.8 < time.monotonic() - start < 5
     assert s.talk.at_eof()
     assert s.wait() == 1
+
+
+def test_client_that_never_reads_times_out(smtpd: Start, qmail_home: Path) -> None:
+    # pipelined EHLOs whose replies the client never reads: qmail-smtpd's writes
+    # fill the socket and must give up after timeoutsmtpd instead of hanging
+    write_control(qmail_home, "timeoutsmtpd", ["1"])
+    s = smtpd()
+    sock = s.talk.sock
+    sock.settimeout(5)
+    try:
+        sock.sendall(b"EHLO c\r\n" * 20000)
+    except TimeoutError:
+        pass  # qmail-smtpd stopped reading: the point of the test
+    assert s.wait(timeout=15) == 1
+    assert "end: write timeout" in s.log.read_text()
+
+
+def test_timeout_on_pipes(qmail_home: Path) -> None:
+    # without a socket (an inetd-like wrapper), the timeout is kept by poll()
+    write_control(qmail_home, "timeoutsmtpd", ["1"])
+    proc = subprocess.Popen(
+        [str(BIN / "qmail-smtpd"), "--home", str(qmail_home)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, **ENV},
+    )
+    assert proc.stdout is not None
+    try:
+        start = time.monotonic()
+        out = proc.stdout.read()  # stdin stays open and silent: only the timeout ends this
+        took = time.monotonic() - start
+        code = proc.wait(timeout=20)
+    finally:
+        proc.kill()
+        proc.wait()
+        for f in (proc.stdin, proc.stdout, proc.stderr):
+            if f is not None:
+                f.close()
+    assert code == 1
+    assert out.split(b"\r\n")[1] == b"451 timeout (#4.4.2)"
+    assert 0.8 < took < 15
 
 
 def test_timeout_in_data_queues_nothing(smtpd: Start, qmail_home: Path) -> None:

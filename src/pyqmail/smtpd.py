@@ -48,10 +48,11 @@ import pwd
 import select
 import signal
 import socket
+import struct
 import sys
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .cdb import CDB
@@ -109,9 +110,9 @@ def _flag(value: str | None) -> bool | None:
     return bool(value) and value != "0"
 
 
-@dataclass
+@dataclass(frozen=True)
 class Settings:
-    """Everything qmail-smtpd reads at the start of a connection."""
+    """Everything qmail-smtpd reads at the start of a connection (shared: never changed)."""
 
     greeting: str
     localiphost: str | None
@@ -126,6 +127,18 @@ class Settings:
 
     @classmethod
     def load(cls, home: Path, env: Mapping[str, str]) -> Settings:
+        """The settings for one connection: control files, then the environment's overrides."""
+        settings = _settings_from_files(home)
+        env_databytes = env.get("DATABYTES")
+        if env_databytes is not None and env_databytes.strip().isdigit():
+            settings = replace(settings, databytes=int(env_databytes.strip()))
+        reject = _flag(env.get("REJECTUNKNOWN"))
+        if reject is not None:
+            settings = replace(settings, reject_unknown=reject)
+        return settings
+
+    @classmethod
+    def read_files(cls, home: Path) -> Settings:
         c = Control(home)
         greeting = c.line("smtpgreeting") or c.me
         if not greeting:
@@ -140,14 +153,6 @@ class Settings:
                 more = None
             except (OSError, ValueError) as e:
                 raise ControlError(c.path("morercpthosts.cdb"), f"unable to read: {e}") from None
-        env_databytes = env.get("DATABYTES")
-        if env_databytes is not None and env_databytes.strip().isdigit():
-            databytes = int(env_databytes.strip())
-        else:
-            databytes = c.integer("databytes", 0)
-        reject = _flag(env.get("REJECTUNKNOWN"))
-        if reject is None:
-            reject = c.integer("rejectunknownrcpt", 0) != 0
         return cls(
             greeting=greeting,
             localiphost=c.line_me("localiphost", "") or None,
@@ -155,10 +160,10 @@ class Settings:
             rcpthosts=None if rcpthosts is None else frozenset(h.lower() for h in rcpthosts),
             morercpthosts=more,
             badmailfrom=frozenset(b.lower() for b in c.list("badmailfrom") or []),
-            databytes=databytes,
+            databytes=c.integer("databytes", 0),
             maxrcpt=c.integer("maxrcpt", 100) or 100,
             datalinemax=c.integer("datalinemax", 1000),
-            reject_unknown=reject,
+            reject_unknown=c.integer("rejectunknownrcpt", 0) != 0,
         )
 
     def server_config(self) -> ServerConfig:
@@ -168,6 +173,60 @@ class Settings:
             max_recipients=self.maxrcpt,
             text_line_max=self.datalinemax,
         )
+
+
+# Every control file Settings.read_files looks at.  A long-lived qmail-smtpd
+# worker keeps what it read and, at each connection, only stats these files: a
+# file that appeared, went, was replaced or was written since is read again, so
+# a change is seen by the next connection as in qmail, for the cost of a few stats.
+_SETTINGS_FILES = (
+    "smtpgreeting",
+    "me",
+    "timeoutsmtpd",
+    "rcpthosts",
+    "morercpthosts.cdb",
+    "databytes",
+    "rejectunknownrcpt",
+    "localiphost",
+    "badmailfrom",
+    "maxrcpt",
+    "datalinemax",
+)
+# a file changed this recently may change again within the same timestamp tick,
+# unseen by a stat: such files are read at every connection until they settle
+_SETTLE_SECONDS = 2.0
+_settings_cache: dict[str, tuple[tuple[object, ...], Settings]] = {}
+
+
+def _control_stamp(control_dir: str) -> tuple[object, ...] | None:
+    """What identifies the current contents of the settings files; None if not yet settled."""
+    now = time.time()
+    stamp: list[object] = []
+    for name in _SETTINGS_FILES:
+        try:
+            st = os.stat(f"{control_dir}/{name}")
+        except FileNotFoundError:
+            stamp.append(None)
+            continue
+        except OSError:
+            return None  # read_files reports it
+        if now - st.st_mtime < _SETTLE_SECONDS or now - st.st_ctime < _SETTLE_SECONDS:
+            return None
+        stamp.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+    return tuple(stamp)
+
+
+def _settings_from_files(home: Path) -> Settings:
+    control_dir = f"{home}/control"
+    stamp = _control_stamp(control_dir)
+    if stamp is not None:
+        cached = _settings_cache.get(control_dir)
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+    settings = Settings.read_files(home)
+    if stamp is not None:
+        _settings_cache[control_dir] = (stamp, settings)
+    return settings
 
 
 # -- policy ----------------------------------------------------------------------------
@@ -449,6 +508,8 @@ class Session:
         self.qq: QueueClient | InProcessQueue | None = None
         self.messages = 0
         self.remote = env.get("TCPREMOTEIP") or "unknown"
+        # on a socket the kernel keeps the timeout, which saves a poll() per read and write
+        self.socket_timeouts = _set_socket_timeouts(rfd, wfd, settings.timeout)
 
     def log(self, text: str) -> None:
         line = f"qmail-smtpd: pid {os.getpid()} {safe(self.remote)}: {text}\n"
@@ -459,13 +520,13 @@ class Session:
 
     def write(self, data: bytes) -> None:
         view = memoryview(data)
-        poller = select.poll()
-        poller.register(self.wfd, select.POLLOUT)
         while view:
-            if not poller.poll(self.settings.timeout * 1000):
+            if not self.socket_timeouts and not self._poll(self.wfd, select.POLLOUT):
                 raise _Gone("write timeout")
             try:
                 view = view[os.write(self.wfd, view) :]
+            except BlockingIOError:
+                raise _Gone("write timeout") from None  # SO_SNDTIMEO ran out
             except InterruptedError:
                 continue
             except OSError as e:
@@ -478,17 +539,22 @@ class Session:
 
     def read(self) -> bytes | None:
         """Input bytes, b"" at end of input, None on timeout."""
-        poller = select.poll()
-        poller.register(self.rfd, select.POLLIN)
         while True:
             try:
-                if not poller.poll(self.settings.timeout * 1000):
+                if not self.socket_timeouts and not self._poll(self.rfd, select.POLLIN):
                     return None
                 return os.read(self.rfd, READ_SIZE)
+            except BlockingIOError:
+                return None  # SO_RCVTIMEO ran out
             except InterruptedError:
                 continue
             except OSError:
                 return b""
+
+    def _poll(self, fd: int, event: int) -> bool:
+        poller = select.poll()
+        poller.register(fd, event)
+        return bool(poller.poll(self.settings.timeout * 1000))
 
     def linger(self) -> None:
         """Let the last reply reach a client that is still sending, before we close.
@@ -627,6 +693,23 @@ class Session:
         self.qq = None
         if qq is not None:
             qq.abort()
+
+
+def _set_socket_timeouts(rfd: int, wfd: int, seconds: int) -> bool:
+    """Give blocking sockets rfd and wfd qmail-smtpd's timeout; False if they are not that."""
+    timeval = struct.pack("@ll", seconds, 0)
+    try:
+        for fd, option in ((rfd, socket.SO_RCVTIMEO), (wfd, socket.SO_SNDTIMEO)):
+            if not os.get_blocking(fd):
+                return False
+            sock = socket.socket(fileno=fd)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, option, timeval)
+            finally:
+                sock.detach()
+    except OSError:
+        return False  # a pipe (inetd-like wrappers, tests): poll() before each read and write
+    return True
 
 
 def _say(fd: int, data: bytes) -> None:
