@@ -339,8 +339,12 @@ def inject_program_killed(
             )
         else:
             # killed while it waits for the rest of the message: not committed, for sure
+            # (its file is pid/..., or mess/... when it was a recycled spare)
             wait_for(
-                lambda: (queue_file_size(proc.pid, queue, "pid") or 0) > len(part),
+                lambda: max(
+                    queue_file_size(proc.pid, queue, "pid") or 0,
+                    queue_file_size(proc.pid, queue, "mess") or 0,
+                ) > len(part),
                 10, "qmail-queue to write the part it was given",
             )
         proc.kill()

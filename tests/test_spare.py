@@ -118,6 +118,9 @@ def test_queue_files_are_recycled_through_a_message_life(qmail_home: Path) -> No
     assert second.finish("c@example.test", ["d@example.test"]).ok
     (m,) = [int(name) for name in os.listdir(queue / "todo")]
     assert {m, (queue / "intd" / str(m)).stat().st_ino} == {n, intd_ino}
+    # a spare becomes mess/N/inode in one rename: no pid file, a single name
+    assert os.listdir(queue / "pid") == []
+    assert (queue / "mess" / str(m % SPLIT) / str(m)).stat().st_nlink == 1
     mess = (queue / "mess" / str(m % SPLIT) / str(m)).read_bytes()
     assert mess.endswith(b"\nSubject: two\n\nbody\n") and b"one" not in mess
     assert (queue / "todo" / str(m)).read_bytes().endswith(b"\0Fc@example.test\0Td@example.test\0")

@@ -40,6 +40,7 @@ QQ_BUG = 81
 QQ_ENVELOPE = 91
 
 _CHUNK = 65536
+WRITE_BATCH = 65536  # message bytes gathered before a write to the mess file
 
 
 class QueueExit(Exception):
@@ -71,7 +72,7 @@ def _read(fd: int, n: int) -> bytes:
         raise QueueExit(QQ_READ) from None
 
 
-def _write_all(fd: int, data: bytes | memoryview) -> None:
+def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
     view = memoryview(data)
     try:
         while view:
@@ -127,8 +128,9 @@ def check_envelope(data: bytes | bytearray) -> bytes:
 class Enqueuer:
     """qmail-queue's algorithm in steps, so a caller can stream a message into the queue.
 
-    begin() makes the pid file and the mess file and writes the Received line;
-    write() appends message bytes; commit() makes it durable and links it into
+    begin() makes the mess file (a spare renamed to mess/N/inode, else qmail's pid
+    file linked there) and starts with the Received line; write() appends message
+    bytes (gathered into large writes); commit() makes it durable and links it into
     todo; abort() removes what was made.  Each returns or raises qmail-queue's
     exit code (as QueueExit).  qmail-queue itself and callers that run as the queue's
     owner (qmail-smtpd in a single-user install) share this code, so the commit
@@ -143,6 +145,7 @@ class Enqueuer:
         self.fd = -1
         self.inode = 0
         self.size = 0  # bytes written to the mess file
+        self.pending = bytearray()  # bytes for the mess file not yet written
         self.made: list[str] = []  # files only write/read failures may remove (as qmail)
 
     def begin(self) -> None:
@@ -152,16 +155,24 @@ class Enqueuer:
             os.stat(queue)
         except OSError:
             raise QueueExit(QQ_QUEUE) from None
-        spares = spare.pool(queue, "q")
+        # a spare's inode number is known before it is renamed, so it becomes
+        # mess/N/inode in one step; only a new file needs qmail's pid file
+        taken = spare.pool(queue, "q").take_as(lambda ino: f"{queue}/mess/{ino % SPLIT}/{ino}")
+        if taken is not None:
+            self.fd, messfn = taken
+            self.inode = int(messfn.rsplit("/", 1)[1])
+        else:
+            messfn = self._new_mess(start)
+        self.made.append(messfn)
+        self.pending += received_line(self.pid, self.how, start)
+
+    def _new_mess(self, start: float) -> str:
+        """qmail's way: create pid/..., link it to mess/N/inode, unlink the pid file."""
+        queue = self.queue
         old_umask = os.umask(0o033)
         try:
             for seq in range(1, 10):
                 pidfn = f"{queue}/pid/{self.pid}.{int(start)}.{seq}"
-                if seq == 1:
-                    taken = spares.take(pidfn)
-                    if taken is not None:
-                        fd = taken
-                        break
                 try:
                     fd = os.open(pidfn, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
                 except FileExistsError:
@@ -185,17 +196,23 @@ class Enqueuer:
                 os.unlink(pidfn)
             except OSError:
                 raise QueueExit(QQ_PID) from None
-            self.made.append(messfn)
-            line = received_line(self.pid, self.how, start)
-            _write_all(fd, line)
-            self.size = len(line)
         except QueueExit:
             self.close()
             raise
+        return messfn
 
     def write(self, data: bytes | memoryview) -> None:
-        _write_all(self.fd, data)
-        self.size += len(data)
+        # gathered, so a message costs a few large writes instead of one per read
+        pending = self.pending
+        pending += data
+        if len(pending) >= WRITE_BATCH:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pending:
+            _write_all(self.fd, self.pending)
+            self.size += len(self.pending)
+            del self.pending[:]
 
     def commit(self, read_envelope: Callable[[], bytes]) -> None:
         """Make the message durable, then its envelope, then hand it to qmail-send.
@@ -204,6 +221,7 @@ class Enqueuer:
         follows `u` and `p` in it (see _read_envelope) or raises QueueExit.
         """
         queue, n = self.queue, self.inode
+        self.flush()
         try:
             spare.finish(self.fd, self.size)
             os.fsync(self.fd)
@@ -254,6 +272,7 @@ class Enqueuer:
     def abort(self) -> None:
         """Remove what this message made; qmail-send's cleanup would otherwise do it in 36 h."""
         self.close()
+        self.pending.clear()
         for fn in self.made:
             try:
                 os.unlink(fn)
@@ -272,6 +291,7 @@ def enqueue(queue: Path, msg_fd: int, env_fd: int, how: str, uid: int | None = N
             if not chunk:
                 break
             job.write(chunk)
+            job.flush()  # reads from a pipe come in large pieces already
         job.commit(lambda: _read_envelope(env_fd))
         return QQ_OK
     except QueueExit as e:

@@ -32,6 +32,7 @@ import os
 import random
 import stat
 import time
+from collections.abc import Callable
 
 POOL_MAX = 5000  # spares per pool; past this, finished files are unlinked as before
 _RECOUNT_EVERY = 500  # recycles between two counts of a pool
@@ -84,23 +85,34 @@ class SparePool:
         """Rename a spare to target and open it for writing; None if no spare is left.
 
         The returned descriptor is positioned at 0, with the file's times set to now
-        as a new file's would be; the file still holds old bytes, so the caller must
-        call finish() once it has written everything.
+        as a new file's would be (the 36 h cleanup reads the access time); the file
+        still holds old bytes, so the caller must call finish() once it has written
+        everything.
+        """
+        taken = self.take_as(lambda _inode: target)
+        return None if taken is None else taken[0]
+
+    def take_as(self, name_for: Callable[[int], str]) -> tuple[int, str] | None:
+        """take() to the name name_for(inode) gives: a queue file named by its inode
+        (mess/N/inode) is made in one rename, with no pid file to link from.
+
+        Returns (descriptor, name) or None if no spare is left.
         """
         for _ in range(64):  # bounded: other processes may be taking the same spares
             if not self.names:
                 if time.monotonic() < self.empty_until:
                     return None
                 try:
-                    self.names = os.listdir(self.dir)
+                    names = os.listdir(self.dir)
                 except OSError:
-                    self.names = []
-                if not self.names:
+                    names = []
+                if not names:
                     self.empty_until = time.monotonic() + _EMPTY_PAUSE
                     return None
                 # processes that listed the pool together should not all race for the
-                # same names
-                random.shuffle(self.names)
+                # same names: each starts at its own place
+                turn = random.randrange(len(names))
+                self.names = names[turn:] + names[:turn]
             name = self.names.pop()
             path = f"{self.dir}/{name}"
             try:
@@ -111,6 +123,7 @@ class SparePool:
                 return None
             if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
                 continue  # not a clean spare (see above): it stays where it is, unused
+            target = name_for(st.st_ino)
             try:
                 os.rename(path, target)
             except FileNotFoundError:
@@ -123,14 +136,22 @@ class SparePool:
                 _drop_name(target)
                 return None
             try:
-                st = os.fstat(fd)
-                clean = stat.S_ISREG(st.st_mode) and st.st_nlink == 1
-                if clean:
-                    os.utime(fd)
+                now = os.fstat(fd)
+                # the same file that was checked, still with one name
+                clean = (
+                    stat.S_ISREG(now.st_mode)
+                    and now.st_nlink == 1
+                    and (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino)
+                )
             except OSError:
                 clean = False
             if clean:
-                return fd
+                try:
+                    os.utime(fd)
+                except OSError:
+                    clean = False
+            if clean:
+                return fd, target
             # it changed under us: drop our name for it and touch nothing else
             os.close(fd)
             _drop_name(target)
