@@ -496,6 +496,8 @@ class TCPServer:
     def _dispatch(self, conn: socket.socket, peer: tuple[object, ...], ip: str) -> None:
         """Hand the connection to an idle worker, forking one if none is idle."""
         payload = f"{peer[0]}\0{peer[1]}".encode()
+        if not self.idle:
+            self._collect_ready()
         try:
             while True:
                 worker = self.idle.pop() if self.idle else self._fork_worker()
@@ -513,6 +515,17 @@ class TCPServer:
                 return
         finally:
             conn.close()  # the worker has its own copy now
+
+    def _collect_ready(self) -> None:
+        """Take in the workers' "ready" notes that are already waiting.
+
+        Under load the accept loop runs ahead of the main loop; a worker that has
+        finished may have said so already, and using it is far cheaper than a fork.
+        """
+        assert self._sel is not None
+        for key, _ in self._sel.select(0):
+            if isinstance(key.data, _Worker):
+                self._worker_says(key.data)
 
     def _fork_worker(self) -> _Worker | None:
         assert self._sel is not None
@@ -537,7 +550,7 @@ class TCPServer:
 
     def _worker_says(self, worker: _Worker) -> None:
         try:
-            data = worker.chan.recv(16)
+            data = worker.chan.recv(16, socket.MSG_DONTWAIT)  # _collect_ready may have taken it
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
