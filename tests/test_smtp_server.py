@@ -328,7 +328,7 @@ def test_data_unstuffing_and_line_ends() -> None:
 def test_body_runs_stop_at_dot_lines_in_the_same_read() -> None:
     # after the header, runs of plain lines are taken whole; each run must end
     # where a line starts with a dot, whether stuffed, the end of data or smuggled
-    body = b"".join(b"%dXXXX\r\n" % i for i in range(50))
+    body = b"".join(b"%d plain line\r\n" % i for i in range(50))
     d = helo_session()
     d.send(TXN)
     out = d.send(b"H: v\r\n\r\n" + body + b"..stuffed\r\n" + body + b".\r\nNOOP\r\n")
