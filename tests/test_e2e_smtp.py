@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from _mta import MTA, add_user, bin_path, free_port, maildir_count, queue_empty, wait_for
+from pyqmail.tcprules import compile_rules
 
 SMTP_SOURCE = shutil.which("smtp-source") or "/usr/sbin/smtp-source"
 
@@ -181,6 +182,54 @@ def test_relay_rights_never_pass_to_the_next_client_of_a_worker(qmail_home: Path
             assert s.rcpt("bob@example.test")[0] == 250
             second = _smtpd_pid(s)
         assert second == first  # the same process did serve both
+
+
+def test_rules_qmailqueue_reaches_the_filter_with_the_connection_env_and_stops_there(
+    qmail_home: Path, tmp_path: Path
+) -> None:
+    # a $QMAILQUEUE filter from tcp.smtp gets the connection's variables and the MTA's
+    # own environment (PATH); the next client of the same worker gets neither
+    seen = tmp_path / "seen-env"
+    filt = tmp_path / "qq-filter"
+    filt.write_text(f"#!/bin/sh\nenv > {seen}\ncat >/dev/null\nexit 71\n")
+    filt.chmod(0o755)
+    rules = (
+        f'127.0.0.3:allow,QMAILQUEUE="{filt}",MARK="three"\n'
+        '127.0.0.1:allow,RELAYCLIENT=""\n'
+        ":allow\n"
+    )
+    compile_rules(
+        rules.encode(),
+        qmail_home / "control" / "tcp.smtp.cdb",
+        qmail_home / "control" / "tcp.smtp.tmp",
+    )
+    (qmail_home / "control" / "concurrencyincoming").write_text("1\n")
+    bob = add_user(qmail_home, "bob@example.test")
+    with MTA(qmail_home, env={"MTA_OWN": "kept"}) as mta:
+        with smtplib.SMTP(
+            "127.0.0.1", mta.smtp_port, timeout=30, source_address=("127.0.0.3", 0)
+        ) as s:
+            s.mail("joe@far.test")
+            s.rcpt("bob@example.test")
+            code, text = s.data(b"Subject: filtered\r\n\r\nbody\r\n")
+            assert code == 451, text  # the filter's exit 71
+        env = dict(line.split("=", 1) for line in seen.read_text().splitlines() if "=" in line)
+        assert env["TCPREMOTEIP"] == "127.0.0.3"
+        assert env["MARK"] == "three"
+        assert env["MTA_OWN"] == "kept"
+        assert "RELAYCLIENT" not in env
+        seen.unlink()
+        with smtplib.SMTP(
+            "127.0.0.1", mta.smtp_port, timeout=30, source_address=("127.0.0.2", 0)
+        ) as s:
+            s.mail("joe@far.test")
+            s.rcpt("bob@example.test")
+            code, text = s.data(b"Subject: plain\r\n\r\nbody\r\n")
+            assert code == 250, text
+        assert not seen.exists()
+        wait_for(lambda: maildir_count(bob / "Maildir") == 1, what="delivery")
+        got = mailbox.Maildir(bob / "Maildir", create=False)
+        assert [m["Subject"] for m in got] == ["plain"]
 
 
 def test_smtpdmaxuse_zero_forks_per_connection(qmail_home: Path) -> None:

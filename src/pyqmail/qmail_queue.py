@@ -137,8 +137,8 @@ class Enqueuer:
     order and the crash-safety argument are the same for both.
     """
 
-    def __init__(self, queue: Path, how: str, uid: int | None = None) -> None:
-        self.queue = queue
+    def __init__(self, queue: str | os.PathLike[str], how: str, uid: int | None = None) -> None:
+        self.queue = os.fspath(queue)  # a str: the names below are made per message
         self.how = how
         self.pid = os.getpid()
         self.uid = os.getuid() if uid is None else uid

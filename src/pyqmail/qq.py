@@ -17,7 +17,7 @@ import gc
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,12 +99,19 @@ def envelope(sender: str, recipients: list[str]) -> bytes:
 class QueueClient:
     """One qmail-queue run: write() the message, then finish() with the envelope."""
 
-    def __init__(self, home: Path | str, invoked: str | None = None) -> None:
+    def __init__(
+        self,
+        home: Path | str,
+        invoked: str | None = None,
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
+        """environ, if given, is the whole environment of a $QMAILQUEUE program (the
+        caller's own os.environ otherwise); its QMAILQUEUE picks the program."""
         self.home = Path(home)
         self._failed = False
         msg_r, self._msg_w = os.pipe()
         env_r, self._env_w = os.pipe()
-        program = os.environ.get("QMAILQUEUE")
+        program = (os.environ if environ is None else environ).get("QMAILQUEUE")
         # objects the parent already has go to the permanent generation, so the
         # child's collector never walks (and copy-on-write copies) their pages
         gc.freeze()
@@ -123,7 +130,9 @@ class QueueClient:
                     signal.signal(sig, signal.SIG_DFL)
                 os.chdir(self.home)
                 if program:
-                    os.execv(program, [program])
+                    if environ is None:
+                        os.execv(program, [program])
+                    os.execve(program, [program], dict(environ))
                 how = invoked or invoked_how(os.getuid())
                 code = run_child(self.home / "queue", how)
             except OSError as e:
@@ -188,7 +197,7 @@ class InProcessQueue:
     """QueueClient's interface, with qmail-queue's algorithm run in this process."""
 
     def __init__(self, home: Path | str, invoked: str) -> None:
-        self.job = Enqueuer(Path(home) / "queue", invoked)
+        self.job = Enqueuer(f"{home}/queue", invoked)
         self.pid = self.job.pid
         self.code = 0
         self._attempt(self.job.begin)
@@ -223,20 +232,23 @@ class InProcessQueue:
 def same_owner(home: Path | str) -> bool:
     """True when this process owns the queue, so running qmail-queue in-process isolates nothing."""
     try:
-        return os.stat(Path(home) / "queue").st_uid == os.geteuid()
+        return os.stat(f"{home}/queue").st_uid == os.geteuid()
     except OSError:
         return False
 
 
-def open_queue(home: Path | str, invoked: str) -> QueueClient | InProcessQueue:
+def open_queue(
+    home: Path | str, invoked: str, environ: Mapping[str, str] | None = None
+) -> QueueClient | InProcessQueue:
     """qmail-queue for a long-lived caller: in-process when that isolates nothing.
 
     That is when $QMAILQUEUE names no other program and this process owns the queue;
     otherwise qmail-queue (or $QMAILQUEUE) runs as its own process, as in qmail.
+    environ is as for QueueClient.
     """
-    if not os.environ.get("QMAILQUEUE") and same_owner(home):
+    if not (os.environ if environ is None else environ).get("QMAILQUEUE") and same_owner(home):
         return InProcessQueue(home, invoked)
-    return QueueClient(home, invoked=invoked)
+    return QueueClient(home, invoked=invoked, environ=environ)
 
 
 def queue_message(

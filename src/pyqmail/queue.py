@@ -74,10 +74,10 @@ def make_queue(queue: Path) -> list[Path]:
     return made
 
 
-def pull_trigger(queue: Path) -> None:
+def pull_trigger(queue: Path | str) -> None:
     """Wake qmail-send: one byte into lock/trigger; nobody listening is not an error."""
     try:
-        fd = os.open(queue / "lock" / "trigger", os.O_WRONLY | os.O_NONBLOCK)
+        fd = os.open(f"{queue}/lock/trigger", os.O_WRONLY | os.O_NONBLOCK)
     except OSError:
         return
     try:

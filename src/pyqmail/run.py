@@ -195,6 +195,9 @@ class Supervisor:
                 over_limit_banner=b"421 too many connections from your address (#4.3.2)\r\n",
                 nodelay=True,
                 max_use=max_use,
+                # qmail-smtpd takes the connection's variables from its env argument,
+                # so a pool worker has no os.environ to reset between connections
+                set_os_environ=False,
                 # as `tcpserver -l "$(cat control/me)"`: no lookup, and Received names us
                 local_name=me,
             ),

@@ -45,6 +45,7 @@ import argparse
 import ipaddress
 import os
 import pwd
+import re
 import select
 import signal
 import socket
@@ -79,6 +80,7 @@ from .smtp_server import (
     SMTPServer,
     StartTLSRequested,
 )
+from .tcpserver import full_environ
 
 READ_SIZE = 65536
 LINGER_SECONDS = 2.0
@@ -95,9 +97,8 @@ R_NO_MAILBOX = Reply.of(550, "sorry, no mailbox here by that name (#5.1.1)")
 R_TLS_UNAVAILABLE = Reply.of(454, "TLS not available (#4.3.0)")
 R_AUTH_UNAVAILABLE = Reply.of(503, "auth not available (#5.3.3)")
 
-_RECEIVED_SAFE = frozenset(
-    "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.@%+/=:-[]"
-)
+# qmail's Received sanitiser keeps only letters, digits and these: .@%+/=:-[]
+_RECEIVED_UNSAFE = re.compile(r"[^a-zA-Z0-9.@%+/=:\[\]-]")
 
 
 # -- settings --------------------------------------------------------------------------
@@ -268,7 +269,7 @@ def _literal_address(domain: str) -> ipaddress.IPv4Address | ipaddress.IPv6Addre
 
 def sanitize_received(text: str) -> str:
     """qmail's Received sanitiser: only letters, digits and `.@%+/=:-[]` survive."""
-    return "".join(c if c in _RECEIVED_SAFE else "?" for c in text)
+    return _RECEIVED_UNSAFE.sub("?", text)
 
 
 def protocol_word(extended: bool, tls: bool, auth: bool, utf8: bool) -> str:
@@ -654,13 +655,8 @@ class Session:
 
     def start_message(self, ev: DataStart) -> None:
         srv = self.server
-        queue_program = self.env.get("QMAILQUEUE")
-        if queue_program:
-            os.environ["QMAILQUEUE"] = queue_program
-        else:
-            os.environ.pop("QMAILQUEUE", None)
         try:
-            self.qq = open_queue(self.home, "from network")
+            self.qq = open_queue(self.home, "from network", self.queue_environ())
         except OSError as e:
             self.log(f"message refused: unable to start qmail-queue: {e.strerror}")
             srv.respond(R_QQT)
@@ -670,6 +666,19 @@ class Session:
         )
         self.qq.write(received_line(self.env, srv.helo, protocol, time.time()))
         srv.accept()
+
+    def queue_environ(self) -> Mapping[str, str]:
+        """The environment a $QMAILQUEUE program gets: ours with the connection's on top.
+
+        Under `pyqmail run` the connection's variables (TCPREMOTEIP, RELAYCLIENT, rules'
+        QMAILQUEUE...) stay out of os.environ, so nothing has to be undone for the next
+        connection a pool worker serves.
+        """
+        if self.env is os.environ:
+            return self.env
+        if "QMAILQUEUE" not in self.env and "QMAILQUEUE" not in os.environ:
+            return os.environ  # qmail-queue is run by our own code: nothing to build
+        return full_environ(self.env)
 
     def finish_message(self, ev: MessageComplete) -> Reply:
         qq = self.qq
@@ -746,13 +755,20 @@ def serve(home: Path, rfd: int, wfd: int, env: Mapping[str, str]) -> int:
         return 1
 
 
+# the process whose signal dispositions handle_connection has set; a pool worker
+# serves many connections and needs them set once
+_signals_set_in = 0
+
+
 def handle_connection(home: Path, sock_fd: int, env: dict[str, str]) -> int:
     """Serve one connection in a child forked by a warm tcpserver; the socket is closed after."""
-    # the parent's handlers would reap qmail-queue behind our back or survive a TERM
-    for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
-        signal.signal(sig, signal.SIG_DFL)
-    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
-    os.environ.update(env)
+    global _signals_set_in
+    if _signals_set_in != os.getpid():
+        # the parent's handlers would reap qmail-queue behind our back or survive a TERM
+        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+            signal.signal(sig, signal.SIG_DFL)
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+        _signals_set_in = os.getpid()
     try:
         return serve(home, sock_fd, sock_fd, env)
     finally:

@@ -36,7 +36,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -121,7 +121,7 @@ def _errtext(exc: OSError) -> str:
     return (exc.strerror or errno.errorcode.get(exc.errno or 0, "error")).lower()
 
 
-def full_environ(env: dict[str, str], base: dict[str, str] | None = None) -> dict[str, str]:
+def full_environ(env: Mapping[str, str], base: Mapping[str, str] | None = None) -> dict[str, str]:
     """``base`` (default os.environ) without stale UCSPI variables, then ``env`` on top."""
     merged = dict(os.environ if base is None else base)
     for name in _UCSPI_VARS:
@@ -617,8 +617,9 @@ class TCPServer:
                     except OSError:
                         pass
                     # one client's variables (RELAYCLIENT above all) must not reach the next
-                    os.environ.clear()
-                    os.environ.update(baseline)
+                    if self.opts.set_os_environ:
+                        os.environ.clear()
+                        os.environ.update(baseline)
                 served += 1
                 if self.opts.verbosity >= 2:
                     self._log(f"end {os.getpid()} status {status} served {served}")
