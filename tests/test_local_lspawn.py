@@ -7,6 +7,7 @@ import os
 import re
 import select
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,9 +26,9 @@ ROOT = os.geteuid() == 0
 class Spawner:
     """A running qmail-lspawn with its command and result pipes."""
 
-    def __init__(self, home: Path, *args: str) -> None:
+    def __init__(self, home: Path, *args: str, argv: list[str] | None = None) -> None:
         self.proc = subprocess.Popen(
-            [bin_path("qmail-lspawn"), "--home", str(home), *args],
+            argv or [bin_path("qmail-lspawn"), "--home", str(home), *args],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -379,3 +380,45 @@ def test_a_killed_delivery_is_a_crash_and_the_next_one_works(
     assert spawner.deliver("bob-die@example.test") == b"Zqmail-local crashed.\n"
     assert spawner.deliver("bob@example.test") == b"Kdid 1+0+0\n"
     assert len(os.listdir(bob / "Maildir" / "new")) == 1
+
+
+# a spawner whose workers retire after every delivery, with a delivery that only
+# reports: each worker's last answer races qmail-send's next command
+_RETIRING_SPAWNER = """
+import os, sys
+from pathlib import Path
+from pyqmail import spawn
+from pyqmail.lspawn import lspawn_report
+
+def deliver(msg_fd, sender, recipient):
+    os.write(1, b"delivered to " + recipient.encode())
+    return 0
+
+sys.exit(spawn.serve(deliver, lspawn_report, Path(sys.argv[1]), max_use=1))
+"""
+
+
+def test_a_retiring_worker_is_never_given_another_delivery(qmail_home: Path, mess: Path) -> None:
+    sp = Spawner(
+        qmail_home,
+        argv=[sys.executable, "-c", _RETIRING_SPAWNER, str(qmail_home / "queue")],
+    )
+    try:
+        slots = 4
+        total = 120
+        answers: list[bytes] = []
+        for slot in range(slots):
+            sp.send(slot, MESSID, "joe@example.org", f"r{slot}@example.test")
+        sent = slots
+        while len(answers) < total:
+            slot, text = sp.result()
+            answers.append(text)
+            if sent < total:
+                # the next command goes out at once, while the worker that answered exits
+                sp.send(slot, MESSID, "joe@example.org", f"r{sent}@example.test")
+                sent += 1
+        crashed = [a for a in answers if not a.startswith(b"K")]
+        assert crashed == []
+        assert len({a for a in answers}) == total  # each recipient answered once
+    finally:
+        assert sp.close() == 0

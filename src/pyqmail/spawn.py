@@ -292,11 +292,18 @@ class Spawner:
         except OSError:
             data = b""
         job = worker.job
-        if not data or not data.isdigit() or job is None:
+        # "<code>" is a finished delivery; "<code>x" its last one, after which it exits:
+        # it must not be handed another job in the moment before its channel closes
+        retiring = data.endswith(b"x")
+        code = data[:-1] if retiring else data
+        if not code or not code.isdigit() or job is None:
             self.drop_worker(worker)
             return
-        job.status = (int(data) & 0xFF) << 8  # a wait status: exited with that code
+        job.status = (int(code) & 0xFF) << 8  # a wait status: exited with that code
         worker.job = None
+        if retiring:
+            self.drop_worker(worker)
+            return
         worker.idle_since = time.monotonic()
         self.idle.append(worker)
 
@@ -329,7 +336,7 @@ class Spawner:
             dispositions = {
                 sig: signal.getsignal(sig) for sig in (signal.SIGPIPE, signal.SIGALRM)
             }
-            for _ in range(self.max_use):
+            for used in range(1, self.max_use + 1):
                 job, fds = self.next_job(chan)
                 if len(fds) != 2:
                     break  # the spawner closed our channel: it is done with us
@@ -360,7 +367,7 @@ class Spawner:
                 for sig, handler in dispositions.items():
                     signal.signal(sig, handler)
                 signal.alarm(0)
-                chan.send(b"%d" % status)
+                chan.send(b"%d%s" % (status, b"x" if used == self.max_use else b""))
         except OSError:
             code = 0  # the spawner is gone
         except BaseException as e:  # noqa: BLE001 - never unwind into the spawner's loop
@@ -421,7 +428,11 @@ class Spawner:
                 return
             worker = self.workers.get(pid)
             if worker is not None:
-                self.drop_worker(worker)  # its job, if any, is reported as a crash
+                if worker.job is not None:
+                    # a worker that retired after its last delivery may be reaped before
+                    # that delivery's answer is read: the answer is still in the channel
+                    self.worker_says(worker)
+                self.drop_worker(worker)  # a job still without an answer is a crash
                 continue
             ch = self.children.get(pid)
             if ch is not None:
