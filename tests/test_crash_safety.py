@@ -621,6 +621,9 @@ def test_kill_mta_during_delivery(qmail_home: Path) -> None:
                             ("joe", bounces)):
             bad = [c.ident for c in copies if not c.intact]
             assert bad == [], f"truncated copies in {box}'s Maildir: {bad}; {why}"
+        for name, maildir in boxes.items():
+            # a delivery is written as an unnamed file: a kill leaves nothing in tmp/
+            assert os.listdir(maildir / "tmp") == [], f"{name}'s tmp/; {why}"
         expected = {
             "bob": {s.ident for s in sent},
             "carol": {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import mailbox
 import os
@@ -25,6 +26,7 @@ from _local_util import (
     strip_received,
     write_qmail,
 )
+from pyqmail import local
 
 MSG = b"From: joe@example.org\nTo: bob@example.test\nSubject: hello\n\nbody line\n"
 
@@ -82,6 +84,70 @@ def test_two_maildir_lines_make_two_distinct_files(qmail_home: Path, bob: Path) 
     assert r.returncode == 0 and r.stdout == b"did 2+0+0\n"
     assert time.monotonic() - start < 1.9  # no 2-second collision retry
     assert len(os.listdir(bob / "Maildir" / "new")) == 2
+
+
+def _deliver_in_process(maildir: Path, message: bytes, tmp_path: Path) -> None:
+    msg = tmp_path / "msg"
+    msg.write_bytes(message)
+    fd = os.open(msg, os.O_RDONLY)
+    try:
+        local.deliver_maildir(bytes(maildir), b"Return-Path: <a@b>\n", b"", fd)
+    finally:
+        os.close(fd)
+
+
+def test_maildir_name_taken_in_new_gets_another_name(
+    bob: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(local, "_tmpfile_ok", True)
+    maildir = bob / "Maildir"
+    (maildir / "new" / "taken").write_bytes(b"someone else's message\n")
+    names = iter(["taken", "fresh"])
+    monkeypatch.setattr(local, "_maildir_name", lambda: next(names))
+    _deliver_in_process(maildir, MSG, tmp_path)
+    assert (maildir / "new" / "taken").read_bytes() == b"someone else's message\n"
+    assert (maildir / "new" / "fresh").read_bytes() == b"Return-Path: <a@b>\n" + MSG
+    assert os.listdir(maildir / "tmp") == []
+
+
+def test_maildir_without_unnamed_files_falls_back_to_tmp(
+    bob: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_open = os.open
+    tmp_names: list[str] = []
+
+    def no_tmpfile(path: str, flags: int, *args: object, **kw: object) -> int:
+        if flags & os.O_TMPFILE == os.O_TMPFILE:
+            raise OSError(errno.EOPNOTSUPP, "not here")
+        if str(path).startswith("tmp/"):
+            tmp_names.append(str(path))
+        return real_open(path, flags, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(local, "_tmpfile_ok", True)
+    monkeypatch.setattr(os, "open", no_tmpfile)
+    maildir = bob / "Maildir"
+    for _ in range(2):
+        _deliver_in_process(maildir, MSG, tmp_path)
+    assert local._tmpfile_ok is False  # asked once, then tmp/ straight away
+    assert len(tmp_names) == 2
+    box = mailbox.Maildir(maildir, create=False)
+    assert [m["Subject"] for m in box] == ["hello", "hello"]
+    assert os.listdir(maildir / "tmp") == []
+
+
+def test_maildir_without_new_is_temporary_and_keeps_unnamed_files(
+    bob: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(local, "_tmpfile_ok", True)
+    maildir = bob / "Maildir"
+    os.rmdir(maildir / "new")
+    with pytest.raises(local.Die) as died:
+        _deliver_in_process(maildir, MSG, tmp_path)
+    assert died.value.code == 111
+    assert died.value.text == "Temporary error on maildir delivery. (#4.3.0)"
+    assert os.listdir(maildir / "tmp") == []
+    # one broken maildir must not switch this process to the slower way for everyone
+    assert local._tmpfile_ok is True
 
 
 def test_missing_maildir_is_temporary(qmail_home: Path, bob: Path) -> None:

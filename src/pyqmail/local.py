@@ -269,6 +269,10 @@ class _State:
 
 
 _maildir_seq = 0
+# False once this kernel or filesystem turned down an unnamed file (O_TMPFILE) or
+# its linking through /proc: deliveries then use qmail's tmp/ file
+_tmpfile_ok = True
+_LINK_ATTEMPTS = 3
 
 
 def _maildir_host() -> str:
@@ -277,90 +281,153 @@ def _maildir_host() -> str:
     return host.replace("/", "\\057").replace(":", "\\072")
 
 
-def deliver_maildir(path: bytes, rpline: bytes, dtline: bytes, msg_fd: int) -> None:
-    """Write RPLINE + DTLINE + message into maildir `path`: tmp/, fsync, link to new/."""
+def _maildir_name() -> str:
     global _maildir_seq
+    _maildir_seq += 1
+    # qmail forks one child per maildir line, so its pid is unique per delivery;
+    # here one process may deliver several times in a second
+    pid = str(os.getpid())
+    if _maildir_seq > 1:
+        pid += f"_{_maildir_seq}"
+    return f"{int(time.time())}.{pid}.{_maildir_host()}"
+
+
+def _write_message(fd: int, rpline: bytes, dtline: bytes, msg_fd: int, error: Die) -> None:
+    """RPLINE + DTLINE + the message from msg_fd's start into fd, then fsync(fd)."""
     rewind(msg_fd)
+    head = rpline + dtline
+    chunks = read_chunks(msg_fd)
+    while True:
+        try:
+            chunk = next(chunks, None)
+        except OSError:
+            raise Die(EXIT_TEMP, "Unable to read message. (#4.3.0)") from None
+        try:
+            if chunk is None:
+                if head:
+                    _write_fd(fd, head)
+                break
+            # the delivery lines go out with the first piece: one write, not two
+            _write_fd(fd, head + chunk if head else chunk)
+            head = b""
+        except OSError:
+            raise error from None
+    try:
+        os.fsync(fd)
+    except OSError:
+        raise error from None
+
+
+def _fsync_new(dfd: int, error: Die) -> None:
+    try:
+        newfd = os.open("new", os.O_RDONLY | os.O_DIRECTORY, dir_fd=dfd)
+        try:
+            os.fsync(newfd)
+        finally:
+            os.close(newfd)
+    except OSError:
+        raise error from None
+
+
+def _proc_fd_usable(fd: int) -> bool:
+    try:
+        os.stat(f"/proc/self/fd/{fd}")
+    except OSError:
+        return False
+    return True
+
+
+def _deliver_unnamed(dfd: int, rpline: bytes, dtline: bytes, msg_fd: int, error: Die) -> bool:
+    """Maildir delivery through an unnamed file: written and fsync'd in tmp/'s filesystem
+    with no name, then given its one name in new/.  Nothing is left in tmp/ to remove
+    and nothing half-written can ever be seen, even after a crash (the kernel frees an
+    unnamed file).  False if this system cannot do it; nothing was delivered then.
+    """
+    global _tmpfile_ok
+    try:
+        fd = os.open("tmp", os.O_WRONLY | os.O_TMPFILE, 0o644, dir_fd=dfd)
+    except OSError as e:
+        if e.errno in (errno.EISDIR, errno.EOPNOTSUPP, errno.EINVAL):
+            _tmpfile_ok = False  # an old kernel or a filesystem without unnamed files
+            return False
+        raise error from None
+    try:
+        _write_message(fd, rpline, dtline, msg_fd, error)
+        for _ in range(_LINK_ATTEMPTS):
+            try:
+                os.link(f"/proc/self/fd/{fd}", "new/" + _maildir_name(), dst_dir_fd=dfd)
+                break
+            except FileExistsError:
+                # unlike a linked tmp/ file, this name is someone else's message
+                continue
+            except OSError:
+                if _proc_fd_usable(fd):
+                    raise error from None  # new/ is missing, unwritable, full...
+                _tmpfile_ok = False  # no /proc here, or it will not let us through
+                return False
+        else:
+            raise error
+    finally:
+        os.close(fd)
+    _fsync_new(dfd, error)
+    return True
+
+
+def _deliver_via_tmp(dfd: int, rpline: bytes, dtline: bytes, msg_fd: int, error: Die) -> None:
+    """qmail's way: a unique name in tmp/, written, fsync'd, linked to new/, unlinked."""
+    fd = -1
+    tmpname = ""
+    for attempt in range(3):
+        name = _maildir_name()
+        try:
+            fd = os.open("tmp/" + name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644, dir_fd=dfd)
+        except FileExistsError:
+            if attempt == 2:
+                raise error from None
+            time.sleep(2)
+            continue
+        except OSError:
+            raise error from None
+        tmpname = name
+        break
+    try:
+        try:
+            _write_message(fd, rpline, dtline, msg_fd, error)
+        finally:
+            try:
+                os.close(fd)
+            except OSError:
+                raise error from None
+        try:
+            os.link("tmp/" + tmpname, "new/" + tmpname, src_dir_fd=dfd, dst_dir_fd=dfd)
+        except FileExistsError:
+            pass  # as qmail: an existing new/ name almost surely means it worked
+        except OSError:
+            raise error from None
+        _fsync_new(dfd, error)
+    finally:
+        try:
+            os.unlink("tmp/" + tmpname, dir_fd=dfd)
+        except OSError:
+            pass
+
+
+def deliver_maildir(path: bytes, rpline: bytes, dtline: bytes, msg_fd: int) -> None:
+    """Write RPLINE + DTLINE + message into maildir `path`, fsync'd, then named in new/."""
     try:
         dfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     except OSError as e:
         if is_temp_errno(e.errno):
             raise Die(EXIT_TEMP, "Temporary error on maildir delivery. (#4.3.0)") from None
         raise Die(EXIT_TEMP, "Unable to chdir to maildir. (#4.2.1)") from None
-    temp_error = Die(EXIT_TEMP, "Temporary error on maildir delivery. (#4.3.0)")
-    tmpname = ""
+    error = Die(EXIT_TEMP, "Temporary error on maildir delivery. (#4.3.0)")
     try:
         with _AlarmGuard(MAILDIR_TIMEOUT):
-            fd = -1
-            for attempt in range(3):
-                _maildir_seq += 1
-                # qmail forks one child per maildir line, so its pid is unique per
-                # delivery; here one process may deliver several times in a second
-                pid = str(os.getpid())
-                if _maildir_seq > 1:
-                    pid += f"_{_maildir_seq}"
-                name = f"{int(time.time())}.{pid}.{_maildir_host()}"
-                try:
-                    fd = os.open(
-                        "tmp/" + name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644, dir_fd=dfd
-                    )
-                except FileExistsError:
-                    if attempt == 2:
-                        raise temp_error from None
-                    time.sleep(2)
-                    continue
-                except OSError:
-                    raise temp_error from None
-                tmpname = name
-                break
-            try:
-                try:
-                    _write_fd(fd, rpline + dtline)
-                except OSError:
-                    raise temp_error from None
-                chunks = read_chunks(msg_fd)
-                while True:
-                    try:
-                        chunk = next(chunks, None)
-                    except OSError:
-                        raise Die(EXIT_TEMP, "Unable to read message. (#4.3.0)") from None
-                    if chunk is None:
-                        break
-                    try:
-                        _write_fd(fd, chunk)
-                    except OSError:
-                        raise temp_error from None
-                try:
-                    os.fsync(fd)
-                except OSError:
-                    raise temp_error from None
-            finally:
-                try:
-                    os.close(fd)
-                except OSError:
-                    raise temp_error from None
-            try:
-                os.link("tmp/" + tmpname, "new/" + tmpname, src_dir_fd=dfd, dst_dir_fd=dfd)
-            except FileExistsError:
-                pass  # as qmail: an existing new/ name almost surely means it worked
-            except OSError:
-                raise temp_error from None
-            try:
-                newfd = os.open("new", os.O_RDONLY | os.O_DIRECTORY, dir_fd=dfd)
-                try:
-                    os.fsync(newfd)
-                finally:
-                    os.close(newfd)
-            except OSError:
-                raise temp_error from None
+            if not (_tmpfile_ok and _deliver_unnamed(dfd, rpline, dtline, msg_fd, error)):
+                _deliver_via_tmp(dfd, rpline, dtline, msg_fd, error)
     except _Alarm:
         raise Die(EXIT_TEMP, "Timeout on maildir delivery. (#4.3.0)") from None
     finally:
-        if tmpname:
-            try:
-                os.unlink("tmp/" + tmpname, dir_fd=dfd)
-            except OSError:
-                pass
         os.close(dfd)
 
 
