@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import smtplib
@@ -11,6 +12,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -176,18 +178,34 @@ def test_settings_are_reread_while_control_files_are_fresh(qmail_home: Path) -> 
     assert second is not Settings.load(qmail_home, {})
 
 
+_DIR_TICKS = itertools.count(1)
+
+
+def _mark_changed(directory: Path) -> None:
+    """Give the directory an mtime of its own: with no settle time, two changes within
+    one timestamp tick would otherwise look alike (the settle time exists for that)."""
+    ns = (1_000_000_000 + next(_DIR_TICKS)) * 1_000_000_000
+    os.utime(directory, ns=(ns, ns))
+
+
+def _settled_write(home: Path, name: str, lines: list[str]) -> None:
+    write_control(home, name, lines)
+    _mark_changed(home / "control")
+
+
 def test_settled_settings_are_kept_until_a_file_changes(
     qmail_home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(smtpd_module, "_SETTLE_SECONDS", 0.0)
-    write_control(qmail_home, "databytes", ["100"])
+    _settled_write(qmail_home, "databytes", ["100"])
     first = Settings.load(qmail_home, {})
     assert Settings.load(qmail_home, {}) is first  # nothing changed: no file read again
-    write_control(qmail_home, "badmailfrom", ["spam@example.org"])
+    _settled_write(qmail_home, "badmailfrom", ["spam@example.org"])
     assert Settings.load(qmail_home, {}).badmailfrom == {"spam@example.org"}
     (qmail_home / "control" / "badmailfrom").unlink()
+    _mark_changed(qmail_home / "control")
     assert Settings.load(qmail_home, {}).badmailfrom == frozenset()
-    write_control(qmail_home, "databytes", ["20000"])
+    _settled_write(qmail_home, "databytes", ["20000"])
     assert Settings.load(qmail_home, {}).databytes == 20000
     # the environment's overrides apply per connection and leave the files' values alone
     assert Settings.load(qmail_home, {"DATABYTES": "10"}).databytes == 10
@@ -197,6 +215,41 @@ def test_settled_settings_are_kept_until_a_file_changes(
     write_control(qmail_home, "databytes", ["lots"])
     with pytest.raises(ControlError):
         Settings.load(qmail_home, {})
+
+
+def test_absent_settings_files_are_not_looked_at_until_the_directory_changes(
+    qmail_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(smtpd_module, "_SETTLE_SECONDS", 0.0)
+    control = qmail_home / "control"
+    _mark_changed(control)
+    Settings.load(qmail_home, {})
+    present = [n for n in smtpd_module._SETTINGS_FILES if (control / n).exists()]
+    looked_at: list[str] = []
+    real_stat = os.stat
+
+    def counting_stat(path: Any, *args: Any, **kw: Any) -> os.stat_result:
+        looked_at.append(os.fspath(path))
+        return real_stat(path, *args, **kw)
+
+    monkeypatch.setattr(os, "stat", counting_stat)
+    settings = Settings.load(qmail_home, {})
+    monkeypatch.setattr(os, "stat", real_stat)
+    # the directory itself and the files that exist; none of the absent ones
+    assert sorted(looked_at) == sorted([str(control)] + [f"{control}/{n}" for n in present])
+    assert settings.maxrcpt == 100
+    # a new file is a new directory entry: seen at the next connection
+    _settled_write(qmail_home, "maxrcpt", ["7"])
+    assert Settings.load(qmail_home, {}).maxrcpt == 7
+    (control / "maxrcpt").unlink()
+    # a dangling symlink is not absent: its target can appear without the directory changing
+    target = tmp_path / "maxrcpt-elsewhere"
+    (control / "maxrcpt").symlink_to(target)
+    _mark_changed(control)
+    assert Settings.load(qmail_home, {}).maxrcpt == 100
+    assert Settings.load(qmail_home, {}).maxrcpt == 100
+    target.write_text("3\n")
+    assert Settings.load(qmail_home, {}).maxrcpt == 3
 
 
 def test_broken_control_file_is_421(qmail_home: Path, tmp_path: Path) -> None:

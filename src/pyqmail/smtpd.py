@@ -197,23 +197,49 @@ _SETTINGS_FILES = (
 # unseen by a stat: such files are read at every connection until they settle
 _SETTLE_SECONDS = 2.0
 _settings_cache: dict[str, tuple[tuple[object, ...], Settings]] = {}
+# per control directory: its state when these settings files were seen absent
+_absent_cache: dict[str, tuple[tuple[int, ...], frozenset[str]]] = {}
 
 
 def _control_stamp(control_dir: str) -> tuple[object, ...] | None:
-    """What identifies the current contents of the settings files; None if not yet settled."""
+    """What identifies the current contents of the settings files; None if not yet settled.
+
+    Most of the files are usually absent.  A file can only appear by a new entry in
+    the control directory, which changes the directory's mtime, so while that is
+    unchanged the files seen absent need no stat (a dangling symlink is not absent:
+    its target may appear elsewhere).
+    """
     now = time.time()
-    stamp: list[object] = []
+    try:
+        dst = os.stat(control_dir)
+    except OSError:
+        return None  # read_files reports it
+    if now - dst.st_mtime < _SETTLE_SECONDS or now - dst.st_ctime < _SETTLE_SECONDS:
+        return None
+    dir_key = (dst.st_dev, dst.st_ino, dst.st_mtime_ns, dst.st_ctime_ns)
+    known = _absent_cache.get(control_dir)
+    absent = known[1] if known is not None and known[0] == dir_key else frozenset()
+    stamp: list[object] = [dir_key]
+    seen_absent: list[str] = []
     for name in _SETTINGS_FILES:
+        if name in absent:
+            stamp.append(None)
+            continue
+        path = f"{control_dir}/{name}"
         try:
-            st = os.stat(f"{control_dir}/{name}")
+            st = os.stat(path)
         except FileNotFoundError:
             stamp.append(None)
+            if not os.path.lexists(path):
+                seen_absent.append(name)
             continue
         except OSError:
             return None  # read_files reports it
         if now - st.st_mtime < _SETTLE_SECONDS or now - st.st_ctime < _SETTLE_SECONDS:
             return None
         stamp.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+    if seen_absent:
+        _absent_cache[control_dir] = (dir_key, absent | frozenset(seen_absent))
     return tuple(stamp)
 
 
@@ -707,13 +733,20 @@ class Session:
 def _set_socket_timeouts(rfd: int, wfd: int, seconds: int) -> bool:
     """Give blocking sockets rfd and wfd qmail-smtpd's timeout; False if they are not that."""
     timeval = struct.pack("@ll", seconds, 0)
+    # a socket object costs several syscalls to make: one serves both when rfd is wfd
+    plan: list[tuple[int, tuple[int, ...]]]
+    if rfd == wfd:
+        plan = [(rfd, (socket.SO_RCVTIMEO, socket.SO_SNDTIMEO))]
+    else:
+        plan = [(rfd, (socket.SO_RCVTIMEO,)), (wfd, (socket.SO_SNDTIMEO,))]
     try:
-        for fd, option in ((rfd, socket.SO_RCVTIMEO), (wfd, socket.SO_SNDTIMEO)):
+        for fd, options in plan:
             if not os.get_blocking(fd):
                 return False
             sock = socket.socket(fileno=fd)
             try:
-                sock.setsockopt(socket.SOL_SOCKET, option, timeval)
+                for option in options:
+                    sock.setsockopt(socket.SOL_SOCKET, option, timeval)
             finally:
                 sock.detach()
     except OSError:
