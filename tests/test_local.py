@@ -150,6 +150,33 @@ def test_maildir_without_new_is_temporary_and_keeps_unnamed_files(
     assert local._tmpfile_ok is True
 
 
+def test_file_deliveries_leave_the_environment_alone(
+    qmail_home: Path, bob: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # only programs and forwards need qmail-local's variables; a reused worker then
+    # has nothing to undo after a delivery to a file
+    monkeypatch.chdir(tmp_path)
+    write_qmail(bob / ".qmail", "./Maildir/\n./mbox\n")
+    before = dict(os.environ)
+    msg = tmp_path / "msg"
+    msg.write_bytes(MSG)
+    fd = os.open(msg, os.O_RDONLY)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    try:
+        code = local.qmail_local(
+            qmail_home, "bob", str(bob), "bob", "", "", "example.test", "joe@example.org",
+            "./Maildir/", msg_fd=fd,
+        )
+    finally:
+        os.close(fd)
+        os.umask(umask)
+    assert code == 0
+    assert dict(os.environ) == before
+    assert len(os.listdir(bob / "Maildir" / "new")) == 1
+    assert (bob / "mbox").read_bytes().count(b"Subject: hello") == 1
+
+
 def test_missing_maildir_is_temporary(qmail_home: Path, bob: Path) -> None:
     write_qmail(bob / ".qmail", "./nosuch/\n")
     r = run_local(qmail_home, bob, "bob", MSG)

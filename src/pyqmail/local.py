@@ -266,6 +266,8 @@ class _State:
     stop_after_program: bool = False
     qp: int = 0
     forwarder: ForwardFn | None = None
+    # qmail-local's environment for programs and forwards; exported only when one runs
+    env: dict[str, str] = field(default_factory=dict)
 
 
 _maildir_seq = 0
@@ -617,9 +619,9 @@ def _find_qmail(st: _State) -> tuple[bytes, bool] | None:
         if default_at is None:
             sx = safe_ext(st.ext)
             if sx.endswith("default"):
-                os.environ["DEFAULT"] = st.ext[len(sx) - 7 :]
+                st.env["DEFAULT"] = st.ext[len(sx) - 7 :]
         elif default_at <= len(st.ext):
-            os.environ["DEFAULT"] = st.ext[default_at:]
+            st.env["DEFAULT"] = st.ext[default_at:]
         return found
     return None
 
@@ -644,7 +646,7 @@ def _new_sender(st: _State) -> str:
 
 
 def _set_env(st: _State) -> None:
-    env = os.environ
+    env = st.env
     env["HOST"] = st.domain
     env["HOME"] = st.homedir
     env["USER"] = st.user
@@ -656,8 +658,19 @@ def _set_env(st: _State) -> None:
     env.pop("DEFAULT", None)
 
 
+def _export_env(st: _State) -> None:
+    """Put qmail-local's variables into os.environ, for a program or a forward to see.
+
+    Deliveries to files need none, so most deliveries never pay for the putenv calls
+    (or, in a reused worker, for undoing them).
+    """
+    os.environ.update(st.env)
+    if "DEFAULT" not in st.env:
+        os.environ.pop("DEFAULT", None)
+
+
 def _set_env_after_loop_check(st: _State) -> None:
-    env = os.environ
+    env = st.env
     env["SENDER"] = st.sender
     env["RPLINE"] = _s(st.rpline)
     env["UFLINE"] = _s(st.ufline)
@@ -695,6 +708,7 @@ def _run_line(st: _State, line: bytes, first: bool, forward_only: bool) -> bool:
         if forward_only:
             raise Die(EXIT_TEMP, "Uh-oh: .qmail has prog delivery but has x bit set. (#4.7.0)")
         if st.doit:
+            _export_env(st)
             st.stop_after_program = deliver_program(line[1:], st.msg_fd)
         else:
             _say(1, "program " + _s(line[1:]) + "\n")
@@ -734,7 +748,7 @@ def _run(st: _State) -> None:
     if found is None and st.dash:
         raise Die(EXIT_PERM, "Sorry, no mailbox here by that name. (#5.1.1)")
     st.newsender = _new_sender(st)
-    os.environ["NEWSENDER"] = st.newsender
+    st.env["NEWSENDER"] = st.newsender
 
     contents, forward_only = found if found is not None else (b"", False)
     if not contents:
@@ -751,6 +765,7 @@ def _run(st: _State) -> None:
             break
 
     if st.forwards and st.doit:
+        _export_env(st)
         forward(st)
 
 

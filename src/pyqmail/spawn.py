@@ -362,8 +362,9 @@ class Spawner:
                     os.dup2(null, fd)
                 os.chdir(cwd)
                 os.umask(umask)
-                os.environ.clear()
-                os.environ.update(baseline)
+                if dict(os.environ) != baseline:  # most deliveries leave it alone
+                    os.environ.clear()
+                    os.environ.update(baseline)
                 for sig, handler in dispositions.items():
                     signal.signal(sig, handler)
                 signal.alarm(0)
