@@ -6,7 +6,14 @@ from pathlib import Path
 
 import pytest
 
+from pyqmail import users
 from pyqmail.init import HomeSettings, create_home
+
+
+@pytest.fixture(autouse=True)
+def _fresh_passwd_cache() -> None:
+    """Tests fake passwd entries; what one test was told must not reach the next."""
+    users._pw_cache.clear()
 
 
 @pytest.fixture

@@ -380,3 +380,50 @@ def test_concurrent_adds_lose_nothing(qmail_home: Path) -> None:
     for prefix in "abc":
         for i in range(8):
             assert lookup_cdb(qmail_home, f"{prefix}{i}") is not None
+
+
+# -- what long-lived delivery workers keep between messages ------------------------------
+
+
+def test_users_cdb_is_read_again_once_replaced(qmail_home: Path) -> None:
+    write_assign(qmail_home, ASSIGN)
+    assert newu(qmail_home).returncode == 0
+    first = lookup_cdb(qmail_home, "joe")
+    assert first is not None and first.uid == 1001
+    path = f"{qmail_home}/users/cdb"
+    assert CDB.open_cached(path) is CDB.open_cached(path)  # unchanged: not read again
+    # qmail-newu replaces the cdb by rename: the next lookup sees the new one
+    write_assign(qmail_home, ASSIGN.replace("1001", "2001"))
+    assert newu(qmail_home).returncode == 0
+    again = lookup_cdb(qmail_home, "joe")
+    assert again is not None and again.uid == 2001
+    os.unlink(path)
+    assert lookup_cdb(qmail_home, "joe") is None
+
+
+def test_passwd_answers_and_misses_are_kept_briefly(monkeypatch: pytest.MonkeyPatch) -> None:
+    asked: list[str] = []
+    me = pwd.getpwuid(os.getuid())
+
+    def counting_getpwnam(name: str) -> pwd.struct_passwd:
+        asked.append(name)
+        if name == "known":
+            return me
+        raise KeyError(name)
+
+    monkeypatch.setattr(users, "_pw_cache", {})
+    monkeypatch.setattr(users.pwd, "getpwnam", counting_getpwnam)
+    entry = users.PasswdEntry(me.pw_name, me.pw_uid, me.pw_gid, me.pw_dir)
+    for _ in range(3):
+        assert users.getpwnam_cached("known") == entry
+        assert users.getpwnam_cached("nobody-here") is None
+    assert asked == ["known", "nobody-here"]
+    # a change of /etc/passwd drops everything at once
+    monkeypatch.setattr(users, "_pw_stamp", (0, 0, 0, 0))
+    assert users.getpwnam_cached("nobody-here") is None
+    assert asked == ["known", "nobody-here", "nobody-here"]
+    # and nothing is kept past its time
+    monkeypatch.setattr(users, "_PW_TTL", 0.0)
+    users.getpwnam_cached("known")
+    users.getpwnam_cached("known")
+    assert asked.count("known") == 3

@@ -27,6 +27,26 @@ class CDB:
     def open(cls, path: Path | str) -> CDB:
         return cls(Path(path).read_bytes())
 
+    @classmethod
+    def open_cached(cls, path: str) -> CDB:
+        """open(path), reusing this process's last copy while the file is unchanged.
+
+        cdb files are replaced by rename, never rewritten in place (tcprules,
+        qmail-newu, qmail-newmrh), so the same inode, size and times mean the same
+        contents: a long-lived process pays a stat per lookup instead of a read of
+        the whole file.
+        """
+        st = os.stat(path)
+        stamp = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        cached = _open_cache.get(path)
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        db = cls.open(path)
+        if len(_open_cache) >= 64:
+            _open_cache.clear()
+        _open_cache[path] = (stamp, db)
+        return db
+
     def get(self, key: bytes) -> bytes | None:
         data = self.data
         h = cdb_hash(key)
@@ -79,3 +99,6 @@ def cdb_write(path: Path | str, records: Iterable[tuple[bytes, bytes]]) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.rename(tmp, path)
+
+
+_open_cache: dict[str, tuple[tuple[int, ...], CDB]] = {}

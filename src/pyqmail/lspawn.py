@@ -78,21 +78,22 @@ def lspawn_report(status: int, output: bytes) -> bytes:
     return b"D" + text
 
 
-def root_managed_home(home: Path, homedir: str) -> bool:
+def root_managed_home(home: Path | str, homedir: str, real_home: str | None = None) -> bool:
     """True for a root-owned home pyqmail itself made: HOME/alias or under HOME/mailboxes/.
 
     Only root can write the .qmail files in such a directory, so following them
-    as root gives nobody more power than they already have.
+    as root gives nobody more power than they already have.  real_home is
+    os.path.realpath(home), if the caller already knows it.
     """
     try:
-        top = Path(os.path.realpath(home))
-        path = Path(os.path.realpath(homedir))
+        top = os.path.realpath(home) if real_home is None else real_home
+        path = os.path.realpath(homedir)
         st = os.stat(path)
     except OSError:
         return False
     if st.st_uid != 0 or st.st_mode & 0o022:
         return False
-    return path == top / "alias" or (top / "mailboxes") in path.parents
+    return path == os.path.join(top, "alias") or path.startswith(os.path.join(top, "mailboxes", ""))
 
 
 def lspawn_deliver(home: Path, defaultdelivery: str, allow_root_managed: bool = True) -> DeliverFn:
@@ -105,6 +106,7 @@ def lspawn_deliver(home: Path, defaultdelivery: str, allow_root_managed: bool = 
     to an unprivileged account) are delivered to as root.
     """
     home = Path(home).absolute()
+    real_home = os.path.realpath(home)  # the home does not move while we run
 
     def deliver(msg_fd: int, sender: str, recipient: str) -> int:
         at = recipient.rfind("@")
@@ -121,7 +123,7 @@ def lspawn_deliver(home: Path, defaultdelivery: str, allow_root_managed: bool = 
         except OSError:
             return QLX_SYS
         if as_root and owner.uid == 0:
-            if not (allow_root_managed and root_managed_home(home, owner.homedir)):
+            if not (allow_root_managed and root_managed_home(home, owner.homedir, real_home)):
                 return QLX_ROOT
         elif as_root:
             return _deliver_as(home, owner, local, domain, sender, defaultdelivery, msg_fd)

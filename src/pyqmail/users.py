@@ -24,10 +24,12 @@ import pwd
 import re
 import secrets
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from .cdb import CDB, cdb_build
 from .constants import BREAK
@@ -207,7 +209,7 @@ def lookup_cdb(home: Path, local: str) -> Assignment | None:
     Raises LookupFailure(QLX_CDB) when the cdb exists but is unusable.
     """
     try:
-        db = CDB.open(Path(home) / "users" / "cdb")
+        db = CDB.open_cached(f"{home}/users/cdb")
     except FileNotFoundError:
         return None
     except (OSError, ValueError):
@@ -236,7 +238,57 @@ def lookup_cdb(home: Path, local: str) -> Assignment | None:
     return None
 
 
-def _owned_home(pw: pwd.struct_passwd) -> bool:
+# Long-lived delivery workers look up the same few names (postmaster, alias...) for
+# every message, and a miss walks every passwd source in nsswitch.conf (systemd's
+# among them).  Answers, misses included, are kept for a few seconds, and all are
+# dropped at once when /etc/passwd changes, so a user added there is seen at once
+# and one added elsewhere (LDAP, systemd) within _PW_TTL, as nscd would do.
+_PW_TTL = 5.0
+_PW_CACHE_MAX = 1024
+
+
+class PasswdEntry(NamedTuple):
+    """What mail delivery needs of a passwd entry (named as pwd.struct_passwd's fields)."""
+
+    pw_name: str
+    pw_uid: int
+    pw_gid: int
+    pw_dir: str
+
+
+_pw_cache: dict[str, tuple[float, PasswdEntry | None]] = {}
+_pw_stamp: tuple[int, ...] | None = None
+
+
+def getpwnam_cached(name: str) -> PasswdEntry | None:
+    """pwd.getpwnam(name), None for no such user; OSError as getpwnam raises it."""
+    global _pw_stamp
+    try:
+        st = os.stat("/etc/passwd")
+        stamp: tuple[int, ...] | None = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    except OSError:
+        stamp = None
+    if stamp != _pw_stamp or stamp is None:
+        _pw_cache.clear()
+        _pw_stamp = stamp
+    now = time.monotonic()
+    hit = _pw_cache.get(name)
+    if hit is not None and now < hit[0]:
+        return hit[1]
+    try:
+        found = pwd.getpwnam(name)
+        pw: PasswdEntry | None = PasswdEntry(
+            found.pw_name, found.pw_uid, found.pw_gid, found.pw_dir
+        )
+    except KeyError:
+        pw = None
+    if len(_pw_cache) >= _PW_CACHE_MAX:
+        _pw_cache.clear()
+    _pw_cache[name] = (now + _PW_TTL, pw)
+    return pw
+
+
+def _owned_home(pw: PasswdEntry) -> bool:
     try:
         st = os.stat(pw.pw_dir)
     except OSError as e:
@@ -249,11 +301,9 @@ def _owned_home(pw: pwd.struct_passwd) -> bool:
 def alias_assignment(home: Path | None, local: str, as_root: bool) -> Assignment:
     """The catch-all owner: passwd `alias` (as root), else HOME/alias and its owner (or us)."""
     if as_root:
-        try:
-            pw = pwd.getpwnam("alias")
+        pw = getpwnam_cached("alias")
+        if pw is not None:
             return Assignment(pw.pw_name, pw.pw_uid, pw.pw_gid, pw.pw_dir, "-", local)
-        except KeyError:
-            pass
     if home is None:
         raise LookupFailure(QLX_NOALIAS)
     alias = Path(home) / "alias"
@@ -281,12 +331,12 @@ def getpw(local: str, home: Path | None = None) -> Assignment:
             continue
         name = raw[:i].lower().decode("utf-8", "surrogateescape")
         try:
-            pw = pwd.getpwnam(name)
-        except KeyError:
-            continue
+            pw = getpwnam_cached(name)
         except OSError as e:
             if e.errno == errno.ETXTBSY:
                 raise LookupFailure(QLX_SYS) from None
+            continue
+        if pw is None:
             continue
         if pw.pw_uid == 0 or not _owned_home(pw):
             continue
