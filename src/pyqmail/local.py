@@ -370,7 +370,10 @@ def _deliver_unnamed(dfd: int, rpline: bytes, dtline: bytes, msg_fd: int, error:
         else:
             raise error
     finally:
-        os.close(fd)
+        try:
+            os.close(fd)
+        except OSError:
+            pass  # written and fsync'd already, or failing for another reason anyway
     _fsync_new(dfd, error)
     return True
 
