@@ -257,3 +257,47 @@ def test_bad_smtpdmaxuse_stops_the_start_with_a_clear_error(qmail_home: Path) ->
     )
     assert r.returncode == 111
     assert "control/smtpdmaxuse line 1: not a number: 'many'" in r.stderr
+
+
+def _descendants(pid: int) -> list[int]:
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        parent = todo.pop()
+        try:
+            with open(f"/proc/{parent}/task/{parent}/children") as f:
+                kids = [int(k) for k in f.read().split()]
+        except OSError:
+            continue
+        found += kids
+        todo += kids
+    return found
+
+
+def _comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def test_every_process_shows_the_qmail_program_it_is(qmail_home: Path) -> None:
+    if not Path("/proc/self/task").is_dir():
+        pytest.skip("needs Linux's /proc")
+    bob = add_user(qmail_home, "bob@example.test")
+    with MTA(qmail_home) as mta:
+        with smtplib.SMTP("127.0.0.1", mta.smtp_port, timeout=30) as s:
+            s.sendmail("joe@far.test", ["bob@example.test"], b"Subject: names\r\n\r\nhi\r\n")
+        wait_for(lambda: maildir_count(bob / "Maildir") == 1, what="delivery")
+        assert mta.proc is not None
+        want = {
+            "qmail-send", "qmail-lspawn", "qmail-rspawn", "qmail-clean", "multilog send",
+            "multilog smtpd", "tcpserver smtpd",
+            "qmail-smtpd",  # the pool worker that served us, now waiting for the next client
+            "qmail-local",  # the delivery worker, likewise
+        }
+        wait_for(
+            lambda: want <= {_comm(p) for p in _descendants(mta.proc.pid)},  # type: ignore[union-attr]
+            what=f"process names {sorted(want)}",
+        )

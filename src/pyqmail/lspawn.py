@@ -285,7 +285,11 @@ def main(argv: list[str] | None = None) -> None:
     os.environ["QMAILHOME"] = str(home)
     try:
         code = serve(
-            lspawn_deliver(home, dd), lspawn_report, home / "queue", max_use=WORKER_MAX_USE
+            lspawn_deliver(home, dd),
+            lspawn_report,
+            home / "queue",
+            max_use=WORKER_MAX_USE,
+            worker_name="qmail-local",
         )
     except OSError as e:
         sys.stderr.write(f"qmail-lspawn: fatal: unable to start in {home}/queue: {e.strerror}\n")

@@ -19,6 +19,7 @@ from pathlib import Path
 from types import FrameType
 
 from .control import Control, ControlError, SendControls
+from .procname import set_process_name
 from .queue import make_queue
 
 Child = Callable[[], int]
@@ -53,7 +54,9 @@ def _place_fds(fdmap: dict[int, int]) -> None:
                 os.close(null)
 
 
-def fork_child(body: Child, fdmap: dict[int, int], handles_signals: bool = False) -> int:
+def fork_child(
+    body: Child, fdmap: dict[int, int], handles_signals: bool = False, name: str = ""
+) -> int:
     """Fork a child that runs body with its fds placed as fdmap says.
 
     The supervisor holds TERM, INT, HUP and ALRM blocked while it starts children.
@@ -70,6 +73,8 @@ def fork_child(body: Child, fdmap: dict[int, int], handles_signals: bool = False
         return pid
     code = 111
     try:
+        if name:
+            set_process_name(name)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, signal.SIGALRM):
             signal.signal(sig, signal.SIG_DFL)
         if not handles_signals:
@@ -154,6 +159,7 @@ class Supervisor:
                 lspawn.lspawn_report,
                 queue,
                 max_use=spawn.WORKER_MAX_USE,
+                worker_name="qmail-local",
             ),
             {0: lsp_cmd[0], 1: lsp_res[1], 2: send_log[1]},
         )
@@ -198,6 +204,7 @@ class Supervisor:
                 # qmail-smtpd takes the connection's variables from its env argument,
                 # so a pool worker has no os.environ to reset between connections
                 set_os_environ=False,
+                worker_name="qmail-smtpd",
                 # as `tcpserver -l "$(cat control/me)"`: no lookup, and Received names us
                 local_name=me,
             ),
@@ -224,7 +231,9 @@ class Supervisor:
     def spawn(
         self, name: str, body: Child, fdmap: dict[int, int], handles_signals: bool = False
     ) -> int:
-        pid = fork_child(body, fdmap, handles_signals)
+        # ps shows the log writers as multilog, the others by the name they are spawned as
+        comm = name.replace("log/", "multilog ")
+        pid = fork_child(body, fdmap, handles_signals, comm)
         self.pids[pid] = name
         return pid
 

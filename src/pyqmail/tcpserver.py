@@ -42,6 +42,7 @@ from pathlib import Path
 
 from pyqmail.cdb import CDB
 from pyqmail.constants import EXIT_PERM, EXIT_TEMP
+from pyqmail.procname import set_process_name
 from pyqmail.tcprules import Decision, lookup, normalize_ip
 
 Handler = Callable[[int, dict[str, str]], int]
@@ -95,6 +96,7 @@ class ServerOptions:
     # this process, each serving one connection at a time and at most N in its life
     max_use: int = 0
     max_idle: float = 100.0  # a worker idle this many seconds exits (pool mode)
+    worker_name: str = ""  # the process name (ps, top) of a pool worker, e.g. qmail-smtpd
     on_ready: Callable[[list[tuple[str, int]]], None] | None = field(default=None, repr=False)
 
 
@@ -596,6 +598,8 @@ class TCPServer:
         code = 0
         try:
             self._leave_parent()
+            if self.opts.worker_name:
+                set_process_name(self.opts.worker_name)
             for other in self.workers.values():
                 other.chan.close()  # else a sibling's channel would never see its end
             baseline = dict(os.environ)
