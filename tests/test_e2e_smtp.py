@@ -184,6 +184,16 @@ def test_relay_rights_never_pass_to_the_next_client_of_a_worker(qmail_home: Path
         assert second == first  # the same process did serve both
 
 
+def _send_from(mta: MTA, source: str, subject: str) -> tuple[int, bytes]:
+    """One message to bob from the client address `source`; the reply to its data."""
+    with smtplib.SMTP(
+        "127.0.0.1", mta.smtp_port, timeout=30, source_address=(source, 0)
+    ) as s:
+        s.mail("joe@far.test")
+        s.rcpt("bob@example.test")
+        return s.data(f"Subject: {subject}\r\n\r\nbody\r\n".encode())
+
+
 def test_rules_qmailqueue_reaches_the_filter_with_the_connection_env_and_stops_there(
     qmail_home: Path, tmp_path: Path
 ) -> None:
@@ -206,26 +216,16 @@ def test_rules_qmailqueue_reaches_the_filter_with_the_connection_env_and_stops_t
     (qmail_home / "control" / "concurrencyincoming").write_text("1\n")
     bob = add_user(qmail_home, "bob@example.test")
     with MTA(qmail_home, env={"MTA_OWN": "kept"}) as mta:
-        with smtplib.SMTP(
-            "127.0.0.1", mta.smtp_port, timeout=30, source_address=("127.0.0.3", 0)
-        ) as s:
-            s.mail("joe@far.test")
-            s.rcpt("bob@example.test")
-            code, text = s.data(b"Subject: filtered\r\n\r\nbody\r\n")
-            assert code == 451, text  # the filter's exit 71
+        code, text = _send_from(mta, "127.0.0.3", "filtered")
+        assert code == 451, text  # the filter's exit 71
         env = dict(line.split("=", 1) for line in seen.read_text().splitlines() if "=" in line)
         assert env["TCPREMOTEIP"] == "127.0.0.3"
         assert env["MARK"] == "three"
         assert env["MTA_OWN"] == "kept"
         assert "RELAYCLIENT" not in env
         seen.unlink()
-        with smtplib.SMTP(
-            "127.0.0.1", mta.smtp_port, timeout=30, source_address=("127.0.0.2", 0)
-        ) as s:
-            s.mail("joe@far.test")
-            s.rcpt("bob@example.test")
-            code, text = s.data(b"Subject: plain\r\n\r\nbody\r\n")
-            assert code == 250, text
+        code, text = _send_from(mta, "127.0.0.2", "plain")
+        assert code == 250, text
         assert not seen.exists()
         wait_for(lambda: maildir_count(bob / "Maildir") == 1, what="delivery")
         got = mailbox.Maildir(bob / "Maildir", create=False)
