@@ -658,7 +658,6 @@ def _set_env(st: _State) -> None:
     env["DTLINE"] = _s(st.dtline)
     # helper programs (forward, condredirect) must queue into this same home
     env["QMAILHOME"] = str(st.home)
-    env.pop("DEFAULT", None)
 
 
 def _export_env(st: _State) -> None:

@@ -289,7 +289,7 @@ def main(argv: list[str] | None = None) -> None:
             lspawn_report,
             home / "queue",
             max_use=WORKER_MAX_USE,
-            worker_name="qmail-local",
+            child_name="qmail-local",
         )
     except OSError as e:
         sys.stderr.write(f"qmail-lspawn: fatal: unable to start in {home}/queue: {e.strerror}\n")

@@ -134,5 +134,5 @@ def serve(home: Path, queue: Path) -> int:
         queue,
         max_use=spawn.WORKER_MAX_USE,
         idle=IDLE,
-        worker_name="qmail-remote",
+        child_name="qmail-remote",
     )

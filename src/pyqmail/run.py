@@ -159,7 +159,7 @@ class Supervisor:
                 lspawn.lspawn_report,
                 queue,
                 max_use=spawn.WORKER_MAX_USE,
-                worker_name="qmail-local",
+                child_name="qmail-local",
             ),
             {0: lsp_cmd[0], 1: lsp_res[1], 2: send_log[1]},
         )
@@ -204,7 +204,7 @@ class Supervisor:
                 # qmail-smtpd takes the connection's variables from its env argument,
                 # so a pool worker has no os.environ to reset between connections
                 set_os_environ=False,
-                worker_name="qmail-smtpd",
+                child_name="qmail-smtpd",
                 # as `tcpserver -l "$(cat control/me)"`: no lookup, and Received names us
                 local_name=me,
             ),

@@ -788,20 +788,14 @@ def serve(home: Path, rfd: int, wfd: int, env: Mapping[str, str]) -> int:
         return 1
 
 
-# the process whose signal dispositions handle_connection has set; a pool worker
-# serves many connections and needs them set once
-_signals_set_in = 0
-
-
 def handle_connection(home: Path, sock_fd: int, env: dict[str, str]) -> int:
-    """Serve one connection in a child forked by a warm tcpserver; the socket is closed after."""
-    global _signals_set_in
-    if _signals_set_in != os.getpid():
-        # the parent's handlers would reap qmail-queue behind our back or survive a TERM
-        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
-            signal.signal(sig, signal.SIG_DFL)
-        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
-        _signals_set_in = os.getpid()
+    """Serve one connection in a child forked by a warm tcpserver; the socket is closed after.
+
+    tcpserver has already put the parent's SIGCHLD, TERM, HUP and INT handlers back to
+    their defaults in this child (they would reap qmail-queue behind our back or
+    survive a TERM); a write to a client that went away must fail, not kill us.
+    """
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     try:
         return serve(home, sock_fd, sock_fd, env)
     finally:

@@ -88,10 +88,10 @@ class Spawner:
         result_fd: int,
         max_use: int = 0,
         idle: IdleHook | None = None,
-        worker_name: str = "",
+        child_name: str = "",
     ) -> None:
         self.deliver = deliver
-        self.worker_name = worker_name
+        self.child_name = child_name
         self.max_use = max_use
         self.idle_hook = idle
         self.workers: dict[int, _Worker] = {}  # by pid
@@ -201,6 +201,8 @@ class Spawner:
     def child(self, msg_fd: int, wfd: int, sender: str, recipient: str) -> None:
         code = 111
         try:
+            if self.child_name:
+                set_process_name(self.child_name)
             signal.set_wakeup_fd(-1)
             # SIGINT stays ignored: a Ctrl-C at `pyqmail run`'s terminal reaches the
             # whole process group, and must not kill deliveries half way
@@ -319,8 +321,8 @@ class Spawner:
         """A delivery worker: one delivery at a time, each as a forked child would do it."""
         code = 0
         try:
-            if self.worker_name:
-                set_process_name(self.worker_name)
+            if self.child_name:
+                set_process_name(self.child_name)
             signal.set_wakeup_fd(-1)
             for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD, signal.SIGALRM):
                 signal.signal(sig, signal.SIG_DFL)
@@ -542,17 +544,17 @@ def serve(
     result_fd: int = 1,
     max_use: int = 0,
     idle: IdleHook | None = None,
-    worker_name: str = "",
+    child_name: str = "",
 ) -> int:
     """Run the spawner until qmail-send closes the command pipe; returns the exit code.
 
-    max_use > 0 delivers in long-lived workers (at most that many deliveries each,
-    named worker_name in ps) instead of a forked child per delivery.
+    max_use > 0 delivers in long-lived workers (at most that many deliveries each)
+    instead of a forked child per delivery; either is named child_name in ps.
     """
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     # qmail-send's TERM/INT are for qmail-send: a spawner finishes what it started
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    spawner = Spawner(deliver, report, queue_dir, cmd_fd, result_fd, max_use, idle, worker_name)
+    spawner = Spawner(deliver, report, queue_dir, cmd_fd, result_fd, max_use, idle, child_name)
     os.chdir(queue_dir / "mess")
     return spawner.run()

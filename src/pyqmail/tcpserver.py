@@ -96,7 +96,7 @@ class ServerOptions:
     # this process, each serving one connection at a time and at most N in its life
     max_use: int = 0
     max_idle: float = 100.0  # a worker idle this many seconds exits (pool mode)
-    worker_name: str = ""  # the process name (ps, top) of a pool worker, e.g. qmail-smtpd
+    child_name: str = ""  # the process name (ps, top) of a connection's child or worker
     on_ready: Callable[[list[tuple[str, int]]], None] | None = field(default=None, repr=False)
 
 
@@ -598,8 +598,6 @@ class TCPServer:
         code = 0
         try:
             self._leave_parent()
-            if self.opts.worker_name:
-                set_process_name(self.opts.worker_name)
             for other in self.workers.values():
                 other.chan.close()  # else a sibling's channel would never see its end
             baseline = dict(os.environ)
@@ -639,6 +637,8 @@ class TCPServer:
 
     def _leave_parent(self) -> None:
         """In a fresh child: drop the parent's signal set-up, wakeup pipe and listeners."""
+        if self.opts.child_name:
+            set_process_name(self.opts.child_name)
         signal.set_wakeup_fd(-1)
         for sig in (signal.SIGCHLD, signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, signal.SIG_DFL)
