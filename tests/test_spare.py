@@ -125,3 +125,72 @@ def test_queue_files_are_recycled_through_a_message_life(qmail_home: Path) -> No
     assert mess.endswith(b"\nSubject: two\n\nbody\n") and b"one" not in mess
     assert (queue / "todo" / str(m)).read_bytes().endswith(b"\0Fc@example.test\0Td@example.test\0")
     assert os.listdir(queue / "spare" / "q") == []
+
+
+def test_a_spare_renamed_under_a_taker_never_replaces_a_live_message(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two processes and a pool name that comes back: between this taker's lstat and
+    # its rename, another process takes the spare to its mess file and qmail-clean
+    # files a different finished file under the same pool name.  This taker must not
+    # rename that other file over the live message (once, it lost one in ~2,000).
+    pool = _pool(tmp_path)
+    (tmp_path / "mess").mkdir()
+    name = tmp_path / "pool" / "intd.7"
+    name.write_bytes(b"old envelope")
+    first_ino = name.stat().st_ino
+    live = tmp_path / "mess" / str(first_ino)
+    later = tmp_path / "later-intd"
+    later.write_bytes(b"another finished envelope")
+    real_lstat = os.lstat
+    interleaved = []
+
+    def lstat_then_other_process(path: str) -> os.stat_result:
+        st = real_lstat(path)
+        if not interleaved:
+            interleaved.append(path)
+            os.rename(name, live)  # the other taker wins this spare ...
+            live.write_bytes(b"a live message")
+            os.rename(later, name)  # ... and the name holds another file now
+        return st
+
+    monkeypatch.setattr(os, "lstat", lstat_then_other_process)
+    taken = pool.take_as(lambda ino: f"{tmp_path}/mess/{ino}")
+    monkeypatch.undo()
+    assert interleaved, "the pool was not read"
+    assert taken is None
+    assert live.read_bytes() == b"a live message"
+    assert live.stat().st_ino == first_ino
+    assert name.read_bytes() == b"another finished envelope"  # still a spare
+
+
+def test_recycling_under_a_name_already_in_the_pool_keeps_both(tmp_path: Path) -> None:
+    pool = _pool(tmp_path)
+    waiting = tmp_path / "pool" / "intd.7"
+    waiting.write_bytes(b"waiting spare")
+    finished = tmp_path / "intd-7-again"
+    finished.write_bytes(b"finished again")
+    assert pool.recycle(str(finished), "intd.7")
+    assert not finished.exists()
+    assert waiting.read_bytes() == b"waiting spare"
+    contents = sorted((tmp_path / "pool" / n).read_bytes() for n in os.listdir(tmp_path / "pool"))
+    assert contents == [b"finished again", b"waiting spare"]
+
+
+@pytest.mark.parametrize("with_renameat2", [True, False])
+def test_rename_noreplace_refuses_an_existing_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, with_renameat2: bool
+) -> None:
+    if not with_renameat2:
+        monkeypatch.setattr(spare, "_renameat2", None)  # the link-and-unlink way
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.write_bytes(b"new")
+    dst.write_bytes(b"existing")
+    with pytest.raises(FileExistsError):
+        spare.rename_noreplace(str(src), str(dst))
+    assert src.read_bytes() == b"new" and dst.read_bytes() == b"existing"
+    dst.unlink()
+    spare.rename_noreplace(str(src), str(dst))
+    assert not src.exists() and dst.read_bytes() == b"new" and dst.stat().st_nlink == 1
+    with pytest.raises(FileNotFoundError):
+        spare.rename_noreplace(str(src), str(tmp_path / "elsewhere"))

@@ -24,19 +24,61 @@ A spare is used only if it is a regular file with a single name: after a power
 cut on a filesystem without a journal, a rename may leave a second name behind
 (fsck then counts both names), and such a file may be a live message; it is
 then left alone.
+
+No rename here ever replaces an existing name (renameat2 RENAME_NOREPLACE, or
+link and unlink where the filesystem lacks it).  Pool names repeat, since
+message numbers are inodes and inodes come back; a plain rename() then lets two
+processes interleave so that one renames a different spare, taken under the
+same name, over the mess file the other has just made from the first, and that
+message is lost with its todo entry left behind.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
 import random
 import stat
 import time
 from collections.abc import Callable
+from typing import Any
 
 POOL_MAX = 5000  # spares per pool; past this, finished files are unlinked as before
 _RECOUNT_EVERY = 500  # recycles between two counts of a pool
 _EMPTY_PAUSE = 1.0  # seconds before an empty pool is listed again
+
+
+_AT_FDCWD = -100
+_RENAME_NOREPLACE = 1
+
+
+def _find_renameat2() -> Any:
+    try:
+        function = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # no such libc function: link and unlink instead
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function
+
+
+_renameat2: Any = _find_renameat2()
+
+
+def rename_noreplace(src: str, dst: str) -> None:
+    """Move src to dst as rename() does, but raise FileExistsError if dst exists."""
+    global _renameat2
+    if _renameat2 is not None:
+        flags = _RENAME_NOREPLACE
+        if _renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), flags) == 0:
+            return
+        err = ctypes.get_errno()
+        if err not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            raise OSError(err, os.strerror(err), src, None, dst)
+        _renameat2 = None  # this kernel or filesystem cannot: link and unlink from now on
+    os.link(src, dst)
+    os.unlink(src)
 
 
 class SparePool:
@@ -63,13 +105,19 @@ class SparePool:
         self.recycles += 1
         if self.full:
             return False
-        try:
-            os.rename(path, f"{self.dir}/{name}")
-        except FileNotFoundError:
-            return not os.path.exists(path)
-        except OSError:
-            return False
-        return True
+        # a spare under this name is still waiting (the message number came back):
+        # a second, unique name keeps both rather than freeing the waiting one
+        for pool_name in (name, f"{name}.{os.getpid()}.{self.recycles}"):
+            try:
+                rename_noreplace(path, f"{self.dir}/{pool_name}")
+            except FileExistsError:
+                continue
+            except FileNotFoundError:
+                return not os.path.exists(path)
+            except OSError:
+                return False
+            return True
+        return False
 
     def remove(self, path: str, name: str) -> None:
         """Take a finished file out of the queue: kept as a spare if possible, else unlinked.
@@ -125,10 +173,10 @@ class SparePool:
                 continue  # not a clean spare (see above): it stays where it is, unused
             target = name_for(st.st_ino)
             try:
-                os.rename(path, target)
+                rename_noreplace(path, target)
             except FileNotFoundError:
                 continue
-            except OSError:
+            except OSError:  # above all FileExistsError: a live file is never replaced
                 return None
             try:
                 fd = os.open(target, os.O_WRONLY | os.O_NOFOLLOW)
