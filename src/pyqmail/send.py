@@ -45,7 +45,11 @@ from .queue import fsync_dir, rel
 LOCAL, REMOTE = 0, 1
 CHANNEL_NAMES = ("local", "remote")
 CHANSKIP = (10, 20)
-PREPROCESS_BATCH = 16  # todo messages made durable together
+PREPROCESS_BATCH = 16  # todo messages preprocessed together
+# a message still held by its todo entry is made durable (and loses the entry) at its
+# first deferral or failure, or once it is this old: a crash repeats its deliveries
+PROVISIONAL_MAX = 30.0
+PROVISIONAL_CHECK = 5.0
 FRESH_MAX = 4096  # just-preprocessed messages remembered for their first pass
 
 Clock = Callable[[], float]
@@ -221,6 +225,7 @@ class _Prepared:
     fds: dict[str, int] = field(default_factory=dict)
     ok: bool = True
     birth: float = 0.0
+    since: float = 0.0  # when it was preprocessed
 
 
 def read_all(path: str) -> bytes:
@@ -282,6 +287,12 @@ class QmailSend:
         self.log_buf = bytearray()
         self.clean_waiting: deque[tuple[str, bool]] = deque()  # (command, sent with clean_later)
         self.fresh: dict[int, _Prepared] = {}
+        # preprocessed messages whose todo entry still stands: their info and channel
+        # files are not yet durable (see preprocess_batch)
+        self.provisional: dict[int, _Prepared] = {}
+        self.to_commit: set[int] = set()
+        self.finishing: list[int] = []
+        self.provisional_check_at = 0.0
         self.spares = spare.pool(self.queue, "s")
         # fsync waits for the disk, not the CPU, and the disk serves many at once
         self.syncer = ThreadPoolExecutor(max_workers=8, thread_name_prefix="fsync")
@@ -465,6 +476,7 @@ class QmailSend:
             self.log("alert: unable to opendir todo, sleeping...")
             return
         pending = set(self.todo)
+        pending.update(self.provisional)
         for name in names:
             if name.isdigit() and int(name) not in pending:
                 self.todo.append(int(name))
@@ -473,31 +485,21 @@ class QmailSend:
         self.preprocess_batch([n])
 
     def preprocess_batch(self, numbers: list[int]) -> None:
-        """todo/ -> info/, local/, remote/ for several messages, with one wait for the disk.
+        """todo/ -> info/, local/, remote/ for several messages, provisionally.
 
-        Every file of the batch is written first, then all are fsync'd at once (with
-        their directories) by a few threads, and only then are the todo entries
-        removed: the same order per message as one at a time, but a batch costs the
-        disk's latency once instead of four times per message.
+        qmail makes info and the channel files durable and then removes the todo
+        entry before the first delivery.  Here the todo entry stays until the
+        message is finished, so those files need no fsync: nearly every message is
+        delivered at its first pass, and then all of them go.  A crash meanwhile
+        leaves the todo entry, the message is preprocessed again and its deliveries
+        are repeated (a duplicate, never a loss).  A message that is deferred, gets
+        a failure or is still there after PROVISIONAL_MAX seconds is committed as
+        qmail would: its files are fsync'd and its todo entry removed (commit_batch).
         """
         prepared = [p for p in (self.prepare(n) for n in numbers) if p is not None]
         if not prepared:
             return
-        dirs = sorted({f"{self.queue}/{kind}/{p.n % SPLIT}" for p in prepared for kind in p.fds})
-        targets: list[tuple[_Prepared | None, str, int | str]] = [
-            (p, kind, fd) for p in prepared for kind, fd in p.fds.items()
-        ]
-        targets += [(None, "", d) for d in dirs]
-        outcomes = self.syncer.map(_sync_one, [t[2] for t in targets])
-        failed_dirs = False
-        for (p, kind, _), ok in zip(targets, outcomes, strict=True):
-            if ok:
-                continue
-            if p is None:
-                failed_dirs = True
-            elif p.ok:
-                self.log(f"warning: trouble fsyncing {rel(kind, p.n)}")
-                p.ok = False
+        now = self.clock()
         for p in prepared:
             try:
                 p.birth = os.fstat(p.fds["info"]).st_mtime
@@ -505,17 +507,13 @@ class QmailSend:
                 p.ok = False
             for fd in p.fds.values():
                 os.close(fd)
-            if failed_dirs:
-                p.ok = False  # which message's link is durable is unknown: retry them all
-        now = self.clock()
-        ready = [p for p in prepared if p.ok]  # the others stay in todo for the next scan
-        for p in ready:
+            p.fds.clear()
+        for p in prepared:
+            if not p.ok:
+                continue  # stays in todo for the next scan
             self.log(f"info msg {p.n}: bytes {p.size} from <{safe(p.sender)}> qp {p.qp} uid {p.uid}")
-        # one round trip to qmail-clean for the whole batch, not one per message
-        cleaned = self.clean_all([f"todo/{p.n}" for p in ready])
-        for p, ok in zip(ready, cleaned, strict=True):
-            if not ok:
-                continue
+            p.since = now
+            self.provisional[p.n] = p
             any_channel = False
             for ch in self.channels:
                 if p.channel_data[ch.index]:
@@ -526,6 +524,54 @@ class QmailSend:
             elif len(self.fresh) < FRESH_MAX:
                 # the first pass needs what was just written: spare it the reading back
                 self.fresh[p.n] = p
+
+    def commit_batch(self, numbers: list[int]) -> None:
+        """Make provisional messages durable as qmail's preprocessing leaves them.
+
+        Their info and channel files (with the done marks so far) and those files'
+        directories are fsync'd together, then qmail-clean removes the todo entries.
+        A message that fails here stays provisional and is tried again later.
+        """
+        batch = [self.provisional[n] for n in numbers if n in self.provisional]
+        if not batch:
+            return
+        targets: list[tuple[_Prepared | None, str, int | str]] = []
+        dirs: set[str] = set()
+        for p in batch:
+            for kind in ("info", *CHANNEL_NAMES):
+                try:
+                    fd = os.open(self.path(kind, p.n), os.O_RDONLY)
+                except FileNotFoundError:
+                    continue  # a channel already finished with it
+                except OSError:
+                    self.log(f"warning: trouble opening {rel(kind, p.n)}")
+                    p.ok = False
+                    continue
+                p.fds[kind] = fd
+                targets.append((p, kind, fd))
+                dirs.add(f"{self.queue}/{kind}/{p.n % SPLIT}")
+        targets += [(None, "", d) for d in sorted(dirs)]
+        outcomes = self.syncer.map(_sync_one, [t[2] for t in targets])
+        failed_dirs = False
+        for (owner, kind, _), ok in zip(targets, outcomes, strict=True):
+            if ok:
+                continue
+            if owner is None:
+                failed_dirs = True
+            elif owner.ok:
+                self.log(f"warning: trouble fsyncing {rel(kind, owner.n)}")
+                owner.ok = False
+        for p in batch:
+            for fd in p.fds.values():
+                os.close(fd)
+            p.fds.clear()
+        ready = [p for p in batch if p.ok and not failed_dirs]
+        for p in batch:
+            p.ok = True  # a failed one is tried afresh later
+        cleaned = self.clean_all([f"todo/{p.n}" for p in ready])
+        for p, ok in zip(ready, cleaned, strict=True):
+            if ok:
+                del self.provisional[p.n]
 
     def prepare(self, n: int) -> _Prepared | None:
         """Read todo/n and write (not yet fsync) its info and channel files."""
@@ -542,7 +588,9 @@ class QmailSend:
         except OSError:
             self.log(f"warning: unable to stat {rel('mess', n)}")
             return None
-        for kind in ("local", "remote", "info"):
+        # bounce too: a provisional message (preprocess_batch) may have begun one
+        # before a crash, and all its deliveries are now made again
+        for kind in ("local", "remote", "info", "bounce"):
             try:
                 os.unlink(self.path(kind, n))
             except FileNotFoundError:
@@ -773,7 +821,9 @@ class QmailSend:
             job.remaining -= 1
         elif letter == b"Z" and not job.dying:
             self.log(f"delivery {d.number}: deferral: {safe(text)}")
+            self.commit_soon(d.msg)
         elif letter in (b"D", b"Z"):
+            self.commit_soon(d.msg)
             if letter == b"Z":
                 text += "I'm not going to try again; this message has been in the queue too long.\n"
             self.log(f"delivery {d.number}: failure: {safe(text)}")
@@ -782,6 +832,7 @@ class QmailSend:
             job.remaining -= 1
         else:
             self.log(f"delivery {d.number}: report mangled, will defer")
+            self.commit_soon(d.msg)
         job.outstanding -= 1
         self.log_status()
         self.maybe_finish_job(ch, job)
@@ -836,16 +887,28 @@ class QmailSend:
             if not os.path.exists(self.path(other, job.msg)):
                 self.done_checks.append((now, job.msg))
         else:
+            self.commit_soon(job.msg)
             ch.schedule(job.msg, job.retry)
+
+    def commit_soon(self, n: int) -> None:
+        """The message stays in the queue for a while: commit it at the end of this step."""
+        if n in self.provisional:
+            self.to_commit.add(n)
 
     # -- finishing messages ---------------------------------------------------------
 
     def message_done(self, n: int) -> bool:
         """Send the bounce if any, log end msg, remove the message (§3.6)."""
-        for kind in ("local", "remote", "todo"):
+        for kind in ("local", "remote"):
             if os.path.exists(self.path(kind, n)):
                 return True  # not finished; someone else holds it
         if any(job.msg == n for ch in self.channels for job in ch.jobs):
+            return True
+        if n in self.provisional:
+            if n not in self.finishing:
+                self.finishing.append(n)  # its todo entry goes first (finish_provisional)
+            return True
+        if os.path.exists(self.path("todo", n)):
             return True
         if os.path.exists(self.path("bounce", n)):
             if not self.inject_bounce(n):
@@ -1056,6 +1119,10 @@ class QmailSend:
                         ch.schedule(n, 0.0)
             now = self.clock()
             if self.exitasap and not any(ch.used for ch in self.channels):
+                # what is still provisional stays queued: make it durable, so a
+                # restart does not deliver it again
+                self.step(now)
+                self.commit_batch(sorted(self.provisional))
                 break
             busy = self.step(now)
             timeout = 0.0 if busy else self.timeout(now)
@@ -1111,7 +1178,35 @@ class QmailSend:
         if not self.exitasap and now >= self.cleanup_at:
             self.cleanup(now)
             self.cleanup_at = now + SLEEP_CLEANUP
+        if now >= self.provisional_check_at:
+            self.provisional_check_at = now + PROVISIONAL_CHECK
+            self.to_commit.update(
+                n for n, p in self.provisional.items() if p.since <= now - PROVISIONAL_MAX
+            )
+        if self.finishing:
+            self.finish_provisional(now)
+            busy = True
+        if self.to_commit:
+            numbers, self.to_commit = sorted(self.to_commit), set()
+            self.commit_batch(numbers)
         return busy
+
+    def finish_provisional(self, now: float) -> None:
+        """Finished provisional messages: their todo entries go, then the rest as usual.
+
+        Nothing of them needs to be durable any more; one round trip to qmail-clean
+        serves every message finished in this step.
+        """
+        numbers, self.finishing = self.finishing, []
+        cleaned = self.clean_all([f"todo/{n}" for n in numbers])
+        for n, ok in zip(numbers, cleaned, strict=True):
+            if not ok:
+                self.done_checks.append((now + SLEEP_SYSFAIL, n))
+                continue
+            self.provisional.pop(n, None)
+            self.to_commit.discard(n)
+            if not self.message_done(n):
+                self.done_checks.append((now + SLEEP_SYSFAIL, n))
 
     def retry_stat(self, n: int, now: float) -> None:
         self.schedule_existing(n, now)
