@@ -16,6 +16,7 @@ accepted input compiles identically.
 from __future__ import annotations
 
 import errno
+import functools
 import ipaddress
 import os
 import sys
@@ -187,8 +188,13 @@ def _unlink_quietly(path: Path) -> None:
         pass
 
 
+@functools.lru_cache(maxsize=4096)
 def normalize_ip(ip: str) -> str:
-    """The text tcpserver uses for an address: IPv4 dotted, IPv6 compact, v4-mapped as IPv4."""
+    """The text tcpserver uses for an address: IPv4 dotted, IPv6 compact, v4-mapped as IPv4.
+
+    Cached: a connection asks about two addresses several times, clients come back, and
+    ipaddress's parsing cost more than the rest of accepting a connection.
+    """
     try:
         addr = ipaddress.ip_address(ip.split("%", 1)[0])
     except ValueError:
