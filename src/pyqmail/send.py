@@ -493,8 +493,9 @@ class QmailSend:
         delivered at its first pass, and then all of them go.  A crash meanwhile
         leaves the todo entry, the message is preprocessed again and its deliveries
         are repeated (a duplicate, never a loss).  A message that is deferred, gets
-        a failure or is still there after PROVISIONAL_MAX seconds is committed as
-        qmail would: its files are fsync'd and its todo entry removed (commit_batch).
+        a failure, has a delivery done while others remain or is still there after
+        PROVISIONAL_MAX seconds is committed as qmail would: its files are fsync'd
+        and its todo entry removed (commit_batch).
         """
         prepared = [p for p in (self.prepare(n) for n in numbers) if p is not None]
         if not prepared:
@@ -819,6 +820,10 @@ class QmailSend:
             self.log(f"delivery {d.number}: success: {safe(text)}")
             self.mark_done(d)
             job.remaining -= 1
+            if job.remaining > 0 or self.other_channel_has(ch, d.msg):
+                # a crash would repeat this delivery with the message's others: only a
+                # message delivered in one go stays provisional
+                self.commit_soon(d.msg)
         elif letter == b"Z" and not job.dying:
             self.log(f"delivery {d.number}: deferral: {safe(text)}")
             self.commit_soon(d.msg)
@@ -889,6 +894,10 @@ class QmailSend:
         else:
             self.commit_soon(job.msg)
             ch.schedule(job.msg, job.retry)
+
+    def other_channel_has(self, ch: Channel, n: int) -> bool:
+        other = self.channels[1 - ch.index]
+        return n in other.scheduled or any(job.msg == n for job in other.jobs)
 
     def commit_soon(self, n: int) -> None:
         """The message stays in the queue for a while: commit it at the end of this step."""
