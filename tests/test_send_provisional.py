@@ -30,9 +30,12 @@ def _slow_user(home: Path, tmp_path: Path) -> tuple[Path, Path, Path, Path]:
     return bob, started, go, seen
 
 
-def _send(home: Path, rcpts: list[str], subject: str) -> None:
+def _send(home: Path, rcpts: list[str], subject: str, started: Path | None = None) -> None:
+    """Queue a message; with started, wait until its slow delivery runs."""
     result = sendmail(home, ["-f", "joe@example.test", *rcpts], msg(subject))
     assert result.returncode == 0, result.stderr
+    if started is not None:
+        wait_for(started.exists, what="the slow delivery to start")
 
 
 def test_a_message_in_its_first_pass_keeps_its_todo_entry_until_finished(
@@ -40,8 +43,7 @@ def test_a_message_in_its_first_pass_keeps_its_todo_entry_until_finished(
 ) -> None:
     _bob, started, go, seen = _slow_user(qmail_home, tmp_path)
     with MTA(qmail_home) as mta:
-        _send(qmail_home, ["bob-slow@example.test"], "first pass")
-        wait_for(started.exists, what="the slow delivery to start")
+        _send(qmail_home, ["bob-slow@example.test"], "first pass", started)
         (n,) = _names(qmail_home, "info")
         # preprocessed (info and local written) while the todo entry still stands
         assert _names(qmail_home, "todo") == [n] and _names(qmail_home, "local") == [n]
@@ -59,8 +61,7 @@ def test_a_message_not_delivered_in_one_go_is_committed_at_its_first_success(
     bob, started, go, seen = _slow_user(qmail_home, tmp_path)
     mta = MTA(qmail_home).start()
     try:
-        _send(qmail_home, ["bob-slow@example.test", "bob@example.test"], "two")
-        wait_for(started.exists, what="the slow delivery to start")
+        _send(qmail_home, ["bob-slow@example.test", "bob@example.test"], "two", started)
         wait_for(lambda: maildir_count(bob / "Maildir") == 1, what="bob's copy")
         # bob's delivery is done while the other one runs: the message is made durable
         # and leaves todo, so a crash now cannot repeat bob's copy
@@ -109,8 +110,7 @@ def test_a_crash_during_the_first_pass_leaves_the_message_whole_in_todo(
     _bob, started, go, seen = _slow_user(qmail_home, tmp_path)
     mta = MTA(qmail_home).start()
     try:
-        _send(qmail_home, ["bob-slow@example.test"], "crash")
-        wait_for(started.exists, what="the slow delivery to start")
+        _send(qmail_home, ["bob-slow@example.test"], "crash", started)
         mta.kill9()
         # nothing of it was made durable but its todo entry: it is preprocessed again
         assert len(_names(qmail_home, "todo")) == 1
@@ -132,8 +132,7 @@ def test_a_stop_commits_what_is_still_provisional_and_nothing_is_delivered_twice
     (qmail_home / "control" / "concurrencylocal").write_text("1\n")
     mta = MTA(qmail_home).start()
     try:
-        _send(qmail_home, ["bob-slow@example.test", "bob@example.test"], "stop")
-        wait_for(started.exists, what="the slow delivery to start")
+        _send(qmail_home, ["bob-slow@example.test", "bob@example.test"], "stop", started)
         assert maildir_count(bob / "Maildir") == 0
         assert len(_names(qmail_home, "todo")) == 1
         assert mta.proc is not None
