@@ -78,7 +78,11 @@ def rename_noreplace(src: str, dst: str) -> None:
             raise OSError(err, os.strerror(err), src, None, dst)
         _renameat2 = None  # this kernel or filesystem cannot: link and unlink from now on
     os.link(src, dst)
-    os.unlink(src)
+    try:
+        os.unlink(src)
+    except OSError:
+        _drop_name(dst)  # not half moved: the file keeps its one old name
+        raise
 
 
 class SparePool:
