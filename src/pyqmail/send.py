@@ -50,6 +50,7 @@ PREPROCESS_BATCH = 16  # todo messages preprocessed together
 # first deferral or failure, or once it is this old: a crash repeats its deliveries
 PROVISIONAL_MAX = 30.0
 PROVISIONAL_CHECK = 5.0
+COMMIT_BATCH = 256  # provisional messages committed together, at most
 FRESH_MAX = 4096  # just-preprocessed messages remembered for their first pass
 
 Clock = Callable[[], float]
@@ -1131,7 +1132,9 @@ class QmailSend:
                 # what is still provisional stays queued: make it durable, so a
                 # restart does not deliver it again
                 self.step(now)
-                self.commit_batch(sorted(self.provisional))
+                waiting = sorted(self.provisional)
+                for i in range(0, len(waiting), COMMIT_BATCH):
+                    self.commit_batch(waiting[i : i + COMMIT_BATCH])
                 break
             busy = self.step(now)
             timeout = 0.0 if busy else self.timeout(now)
@@ -1196,8 +1199,12 @@ class QmailSend:
             self.finish_provisional(now)
             busy = True
         if self.to_commit:
-            numbers, self.to_commit = sorted(self.to_commit), set()
+            # bounded: the age check may find a whole backlog at once, and qmail-clean's
+            # answers must never fill their pipe while we are still writing commands
+            numbers = sorted(self.to_commit)[:COMMIT_BATCH]
+            self.to_commit.difference_update(numbers)
             self.commit_batch(numbers)
+            busy = busy or bool(self.to_commit)
         return busy
 
     def finish_provisional(self, now: float) -> None:
