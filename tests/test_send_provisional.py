@@ -1,5 +1,6 @@
 """qmail-send's provisional preprocessing: a message keeps its todo entry until it is
-finished, deferred or failed, and its info and channel files are fsync'd only then."""
+finished, or until it is deferred, fails, has one delivery done while others remain, or is
+still queued at a stop; its info and channel files are fsync'd only then."""
 
 from __future__ import annotations
 
