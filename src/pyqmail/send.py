@@ -46,8 +46,9 @@ LOCAL, REMOTE = 0, 1
 CHANNEL_NAMES = ("local", "remote")
 CHANSKIP = (10, 20)
 PREPROCESS_BATCH = 16  # todo messages preprocessed together
-# a message still held by its todo entry is made durable (and loses the entry) at its
-# first deferral or failure, or once it is this old: a crash repeats its deliveries
+# a message still held by its todo entry is made durable (and loses the entry) once it
+# is not delivered in one go (see preprocess_batch), or once it is this old: until then
+# a crash repeats its deliveries
 PROVISIONAL_MAX = 30.0
 PROVISIONAL_CHECK = 5.0
 COMMIT_BATCH = 256  # provisional messages committed together, at most
