@@ -16,7 +16,7 @@ import pytest
 
 from _local_util import bin_path, give_to, make_maildir, open_dir, queued, write_qmail
 from pyqmail.constants import SPAWN
-from pyqmail.lspawn import lspawn_report
+from pyqmail.lspawn import _plainly_below, lspawn_report
 
 UID = 4321  # the mailbox owner when the tests run as root
 MSG = b"From: joe@example.org\nSubject: via lspawn\n\nhello\n"
@@ -388,7 +388,7 @@ _RETIRING_SPAWNER = """
 import os, sys
 from pathlib import Path
 from pyqmail import spawn
-from pyqmail.lspawn import lspawn_report
+from pyqmail.lspawn import _plainly_below, lspawn_report
 
 def deliver(msg_fd, sender, recipient):
     os.write(1, b"delivered to " + recipient.encode())
@@ -422,3 +422,30 @@ def test_a_retiring_worker_is_never_given_another_delivery(qmail_home: Path, mes
         assert len({a for a in answers}) == total  # each recipient answered once
     finally:
         assert sp.close() == 0
+
+
+# -- the root-managed home check's short cut -----------------------------------------------
+
+
+def test_plainly_below_takes_only_paths_that_are_their_own_realpath(tmp_path: Path) -> None:
+    top = os.path.realpath(tmp_path)
+    (tmp_path / "alias").mkdir()
+    (tmp_path / "mailboxes" / "bob").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "mailboxes" / "eve").symlink_to(tmp_path / "elsewhere")
+    found = _plainly_below(top, f"{top}/mailboxes/bob")
+    assert found is not None
+    path, st = found
+    assert path == os.path.realpath(path)
+    assert (st.st_ino, st.st_dev) == (os.stat(path).st_ino, os.stat(path).st_dev)
+    assert _plainly_below(top, f"{top}/alias") is not None
+    # a symlink anywhere below top, a dot component, or a path outside top: realpath decides
+    assert _plainly_below(top, f"{top}/mailboxes/eve") is None
+    assert _plainly_below(top, f"{top}/mailboxes/../alias") is None
+    assert _plainly_below(top, f"{top}/./alias") is None
+    assert _plainly_below(top, f"{top}//alias") is None
+    assert _plainly_below(top, f"{top}-other/alias") is None
+    assert _plainly_below(top, top) is None
+    with pytest.raises(FileNotFoundError):
+        _plainly_below(top, f"{top}/missing")
+

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import stat
 import struct
 import sys
 from pathlib import Path
@@ -78,6 +79,27 @@ def lspawn_report(status: int, output: bytes) -> bytes:
     return b"D" + text
 
 
+def _plainly_below(top: str, path: str) -> tuple[str, os.stat_result] | None:
+    """(path, its lstat) if path is top/a/b... with no symlink, '.' or '..' below top.
+
+    top is already a real path, so such a path is its own realpath: asking for
+    it costs a stat per component below top instead of one per component of the
+    whole path.  None when that cannot be told this way (realpath decides then).
+    """
+    if not path.startswith(top + "/"):
+        return None
+    current = top
+    st: os.stat_result | None = None
+    for part in path[len(top) + 1 :].split("/"):
+        if part in ("", ".", ".."):
+            return None
+        current += "/" + part
+        st = os.lstat(current)
+        if stat.S_ISLNK(st.st_mode):
+            return None
+    return (path, st) if st is not None else None
+
+
 def root_managed_home(home: Path | str, homedir: str, real_home: str | None = None) -> bool:
     """True for a root-owned home pyqmail itself made: HOME/alias or under HOME/mailboxes/.
 
@@ -87,8 +109,12 @@ def root_managed_home(home: Path | str, homedir: str, real_home: str | None = No
     """
     try:
         top = os.path.realpath(home) if real_home is None else real_home
-        path = os.path.realpath(homedir)
-        st = os.stat(path)
+        found = _plainly_below(top, homedir)
+        if found is None:
+            path = os.path.realpath(homedir)
+            st = os.stat(path)
+        else:
+            path, st = found
     except OSError:
         return False
     if st.st_uid != 0 or st.st_mode & 0o022:
