@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -83,3 +84,31 @@ def test_bounce_paragraph_neutralises_blank_lines() -> None:
     text = bounce_paragraph("bob@example.test", "first\n\nsecond")
     assert text == "<bob@example.test>:\nfirst\n/second\n\n"
     assert bounce_paragraph("a\nb@x", "") == "<a_b@x>:\n\n"
+
+
+def test_todo_scan_takes_each_entry_once_until_it_is_let_go(qmail_home: Path) -> None:
+    from pyqmail.send import QmailSend
+
+    fds = [os.pipe() for _ in range(4)]
+    try:
+        send = QmailSend(
+            qmail_home, fds[0][1], (fds[1][0], fds[1][1]), (fds[2][0], fds[2][1]), fds[3]
+        )
+        todo = qmail_home / "queue" / "todo"
+        for name in ("5", "17", "0123", "x1"):
+            (todo / name).write_bytes(b"")
+        send.scan_todo()
+        # names qmail never writes (leading zeros, not a number) are not messages
+        assert send.todo == [5, 17]
+        send.scan_todo()
+        assert send.todo == [5, 17]  # still waiting: not taken twice
+        # preprocessing fails (no mess file): the entries are let go and found again
+        send.todo = []
+        send.preprocess_batch([5, 17])
+        assert send.provisional == {}
+        send.scan_todo()
+        assert send.todo == [5, 17]
+    finally:
+        for r, w in fds:
+            os.close(r)
+            os.close(w)
