@@ -55,9 +55,13 @@ def test_exit_status_is_logged_as_wait_status(tmp_path: Path) -> None:
         c.close()
 
 
+# max_use 0: a child forked per connection; 5: pool workers handed the connection
 @pytest.mark.skipif(not ipv6_loopback_works(), reason="no IPv6 loopback in this environment")
-def test_ipv4_and_ipv6_listeners_together(tmp_path: Path) -> None:
-    with library_server(tmp_path, addresses=[["127.0.0.1", 0], ["::1", 0]]) as srv:
+@pytest.mark.parametrize("max_use", [0, 5])
+def test_ipv4_and_ipv6_listeners_together(tmp_path: Path, max_use: int) -> None:
+    with library_server(
+        tmp_path, addresses=[["127.0.0.1", 0], ["::1", 0]], options={"max_use": max_use}
+    ) as srv:
         (ip4, port4), (ip6, port6) = srv.bound
         assert (ip4, ip6) == ("127.0.0.1", "::1")
         c4 = Client("127.0.0.1", port4)
@@ -74,11 +78,13 @@ def test_ipv4_and_ipv6_listeners_together(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(not ipv6_loopback_works(), reason="no IPv6 loopback in this environment")
-def test_dual_stack_listener_shows_ipv4_clients_as_ipv4(tmp_path: Path) -> None:
-    with library_server(tmp_path, addresses=[["::", 0]]) as srv:
+@pytest.mark.parametrize("max_use", [0, 5])
+def test_dual_stack_listener_shows_ipv4_clients_as_ipv4(tmp_path: Path, max_use: int) -> None:
+    with library_server(tmp_path, addresses=[["::", 0]], options={"max_use": max_use}) as srv:
         c = Client("127.0.0.1", srv.port)
         env = c.greeting()["env"]
         assert env["TCPREMOTEIP"] == "127.0.0.1"
+        assert env["TCPLOCALIP"] == "127.0.0.1"
         assert env["PROTO"] == "TCP"
         c.close()
 

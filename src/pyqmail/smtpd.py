@@ -743,7 +743,9 @@ def _set_socket_timeouts(rfd: int, wfd: int, seconds: int) -> bool:
         for fd, options in plan:
             if not os.get_blocking(fd):
                 return False
-            sock = socket.socket(fileno=fd)
+            # only SOL_SOCKET options are set: any family will do, and naming one spares
+            # the probes; a descriptor that is not a socket still fails here
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, fd)
             try:
                 for option in options:
                     sock.setsockopt(socket.SOL_SOCKET, option, timeval)

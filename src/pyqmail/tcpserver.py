@@ -606,8 +606,10 @@ class TCPServer:
                 payload, fds, _flags, _addr = socket.recv_fds(chan, 512, 1)
                 if not fds:
                     break  # the server is stopping, or retired us for idleness
-                conn = socket.socket(fileno=fds[0])
                 host, _, port = payload.decode().partition("\0")
+                # the kind of socket is known: saying so spares the probes for it
+                family = socket.AF_INET6 if ":" in host else socket.AF_INET
+                conn = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP, fds[0])
                 try:
                     rules = self.rules.current() if self.rules is not None else (None, None)
                     status = self._session(conn, (host, int(port)), rules)
