@@ -25,6 +25,23 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def port_listening(port: int) -> bool:
+    """True once some TCP socket of this machine listens on `port` (from /proc/net)."""
+    wanted = f":{port:04X}"
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                next(f, None)  # the header line
+                for line in f:
+                    fields = line.split()
+                    # fields[1] is local address:port in hex, fields[3] the state (0A: LISTEN)
+                    if len(fields) > 3 and fields[1].endswith(wanted) and fields[3] == "0A":
+                        return True
+        except OSError:
+            continue
+    return False
+
+
 def wait_for(pred: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -98,6 +115,10 @@ class MTA:
         started = time.time() - 1
         # a restart finds the previous run's lines in the log: wait for a fresh one
         wait_for(lambda: self.logged_since(started, "status: local"), 20, "qmail-send to start")
+        # tcpserver starts beside qmail-send, not before it: a test's first connection
+        # must not race its listen().  Asked of the kernel, so no session is logged for it
+        port = self.smtp_port
+        wait_for(lambda: port_listening(port), 20, f"the SMTP listener on port {port}")
         return self
 
     def log(self) -> str:
