@@ -388,7 +388,7 @@ _RETIRING_SPAWNER = """
 import os, sys
 from pathlib import Path
 from pyqmail import spawn
-from pyqmail.lspawn import _plainly_below, lspawn_report
+from pyqmail.lspawn import lspawn_report
 
 def deliver(msg_fd, sender, recipient):
     os.write(1, b"delivered to " + recipient.encode())
@@ -448,4 +448,3 @@ def test_plainly_below_takes_only_paths_that_are_their_own_realpath(tmp_path: Pa
     assert _plainly_below(top, top) is None
     with pytest.raises(FileNotFoundError):
         _plainly_below(top, f"{top}/missing")
-

@@ -489,9 +489,6 @@ class QmailSend:
         self.todo.extend(found)
         self.todo_held.update(str(n) for n in found)
 
-    def preprocess(self, n: int) -> None:
-        self.preprocess_batch([n])
-
     def preprocess_batch(self, numbers: list[int]) -> None:
         """todo/ -> info/, local/, remote/ for several messages, provisionally.
 
