@@ -62,25 +62,46 @@ def queue_empty(home: Path) -> bool:
     return not any(os.listdir(q / "info" / str(i)) for i in range(23))
 
 
+def kept_spares(home: Path) -> set[str]:
+    """Paths of finished mess files kept at their names as spares (a `m.N` pool name)."""
+    pool = home / "queue" / "spare" / "q"
+    kept = set()
+    for name in os.listdir(pool):
+        if name.startswith("m."):
+            n = int(name[2:])
+            kept.add(str(home / "queue" / "mess" / str(n % 23) / str(n)))
+    return kept
+
+
 def queue_files(home: Path) -> list[str]:
-    """Every file left in the queue, except the lock files and the spare pools."""
+    """Every file left in the queue, except the lock files and the spares."""
     q = home / "queue"
+    kept = kept_spares(home)
     out = []
     for root, _dirs, files in os.walk(q):
         if Path(root) == q / "lock" or Path(root).is_relative_to(q / "spare"):
             continue
-        out += [os.path.join(root, f) for f in files]
+        out += [path for f in files if (path := os.path.join(root, f)) not in kept]
     return sorted(out)
 
 
 def assert_spares_sane(home: Path) -> int:
-    """Every spare is a file with one name: never a live queue file; returns the count."""
+    """Every spare is a file with one name, never a live queue file, or a finished mess
+    file kept at its name whose number nothing in the queue uses; returns the count."""
+    q = home / "queue"
     live = {os.stat(f).st_ino for f in queue_files(home)}
     count = 0
     for pool in ("q", "s"):
-        for entry in os.scandir(home / "queue" / "spare" / pool):
+        for entry in os.scandir(q / "spare" / pool):
             st = entry.stat(follow_symlinks=False)
-            assert st.st_nlink == 1, (entry.path, st)
+            if entry.name.startswith("m."):
+                n = int(entry.name[2:])
+                assert st.st_nlink == 2 and st.st_ino == n, (entry.path, st)
+                assert os.path.samestat(st, os.stat(q / "mess" / str(n % 23) / str(n)))
+                for user in (q / "todo" / str(n), q / "intd" / str(n), q / "info" / str(n % 23) / str(n)):
+                    assert not user.exists(), (entry.path, user)
+            else:
+                assert st.st_nlink == 1, (entry.path, st)
             assert st.st_ino not in live, entry.path
             count += 1
     return count

@@ -107,18 +107,24 @@ def test_queue_files_are_recycled_through_a_message_life(qmail_home: Path) -> No
     # qmail-send has preprocessed it: qmail-clean removes todo and intd ...
     assert clean.handle(queue, f"todo/{n}".encode()) == b"+"
     assert not (queue / "todo" / str(n)).exists() and not (queue / "intd" / str(n)).exists()
-    # ... and once delivered, the message itself
+    # ... and once delivered, the message itself: it stays at its mess name, marked
+    # as a spare by a second name in the pool
+    mess_path = queue / "mess" / str(n % SPLIT) / str(n)
     assert clean.handle(queue, f"foop/{n}".encode()) == b"+"
-    assert not (queue / "mess" / str(n % SPLIT) / str(n)).exists()
-    assert sorted(os.listdir(queue / "spare" / "q")) == sorted([f"intd.{n}", f"mess.{n}"])
+    assert mess_path.stat().st_nlink == 2
+    assert sorted(os.listdir(queue / "spare" / "q")) == sorted([f"intd.{n}", f"m.{n}"])
+    assert os.path.samefile(mess_path, queue / "spare" / "q" / f"m.{n}")
+    # asked again (after a restart), qmail-clean finds it a spare already
+    assert clean.handle(queue, f"foop/{n}".encode()) == b"+"
+    assert mess_path.stat().st_nlink == 2
 
     # the next message is made of those two inodes, with fresh content
     second = InProcessQueue(qmail_home, "by test")
     second.write(b"Subject: two\n\nbody\n")
     assert second.finish("c@example.test", ["d@example.test"]).ok
     (m,) = [int(name) for name in os.listdir(queue / "todo")]
-    assert {m, (queue / "intd" / str(m)).stat().st_ino} == {n, intd_ino}
-    # a spare becomes mess/N/inode in one rename: no pid file, a single name
+    assert m == n and (queue / "intd" / str(m)).stat().st_ino == intd_ino
+    # the mess file was written over under its own name: no pid file, a single name
     assert os.listdir(queue / "pid") == []
     assert (queue / "mess" / str(m % SPLIT) / str(m)).stat().st_nlink == 1
     mess = (queue / "mess" / str(m % SPLIT) / str(m)).read_bytes()
@@ -194,3 +200,134 @@ def test_rename_noreplace_refuses_an_existing_name(
     assert not src.exists() and dst.read_bytes() == b"new" and dst.stat().st_nlink == 1
     with pytest.raises(FileNotFoundError):
         spare.rename_noreplace(str(src), str(tmp_path / "elsewhere"))
+
+
+def _kept_spare(queue: Path, text: bytes = b"an old finished message\n") -> int:
+    """A finished message's mess file, kept at its name as qmail-clean keeps it."""
+    result = queue_message(queue.parent, b"Subject: old\n\n" + text, "a@example.test", ["b@example.test"])
+    assert result.ok
+    (n,) = [int(name) for name in os.listdir(queue / "todo")]
+    assert clean.handle(queue, f"todo/{n}".encode()) == b"+"
+    assert clean.handle(queue, f"foop/{n}".encode()) == b"+"
+    assert (queue / "spare" / "q" / f"m.{n}").exists()
+    return n
+
+
+def test_a_claimed_spare_needs_no_fsync_of_its_mess_directory(
+    qmail_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pyqmail import qmail_queue
+
+    queue = qmail_home / "queue"
+    synced: list[str] = []
+    from pyqmail.queue import fsync_dir as real_fsync_dir
+
+    def recording_fsync_dir(path: str) -> None:
+        synced.append(os.path.relpath(path, queue))
+        real_fsync_dir(path)
+
+    monkeypatch.setattr(qmail_queue, "fsync_dir", recording_fsync_dir)
+    # no spare yet: a new file, linked into mess/, whose directory must be fsync'd
+    def in_process(text: bytes, sender: str, recipient: str) -> None:
+        job = InProcessQueue(qmail_home, "by test")
+        job.write(text)
+        assert job.finish(sender, [recipient]).ok
+
+    in_process(b"Subject: one\n\nbody\n", "a@example.test", "b@example.test")
+    (n,) = [int(name) for name in os.listdir(queue / "todo")]
+    assert synced == [f"mess/{n % SPLIT}", "todo"]
+    assert clean.handle(queue, f"todo/{n}".encode()) == b"+"
+    assert clean.handle(queue, f"foop/{n}".encode()) == b"+"
+    synced.clear()
+    spare._pools.clear()  # this process found the pool empty a moment ago: look again
+    # its file kept at its name: only todo/ changes durably
+    in_process(b"Subject: two\n\nbody\n", "c@example.test", "d@example.test")
+    assert os.listdir(queue / "todo") == [str(n)]
+    assert synced == ["todo"]
+    assert not (queue / "spare" / "q" / f"m.{n}").exists()
+
+
+@pytest.mark.parametrize("leftover", ["todo", "intd", "info"])
+def test_a_kept_spare_whose_number_is_still_in_the_queue_is_never_written_over(
+    qmail_home: Path, leftover: str
+) -> None:
+    # After a power cut, a finished message's last unlinks may come back undone while
+    # the pool's second name was written: qmail-send would then deliver that number's
+    # envelope or info with whatever text the mess file holds.  Such a spare stays.
+    queue = qmail_home / "queue"
+    n = _kept_spare(queue)
+    mess_path = queue / "mess" / str(n % SPLIT) / str(n)
+    before = mess_path.read_bytes()
+    back = queue / leftover / (f"{n % SPLIT}/{n}" if leftover == "info" else str(n))
+    back.write_bytes(b"u0\0p1\0Fa@example.test\0Tb@example.test\0")
+    pool = spare.SparePool(str(queue / "spare" / "q"))
+    assert pool.take_in_place(str(queue)) is None
+    assert mess_path.read_bytes() == before
+    assert (queue / "spare" / "q" / f"m.{n}").exists()
+    back.unlink()
+    pool.empty_until[True] = 0.0
+    taken = pool.take_in_place(str(queue))
+    assert taken is not None and taken[1] == str(mess_path)
+    os.close(taken[0])
+    assert mess_path.stat().st_nlink == 1
+
+
+def test_a_kept_spare_claimed_by_another_process_first_is_left_to_it(
+    qmail_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    queue = qmail_home / "queue"
+    n = _kept_spare(queue)
+    marker = queue / "spare" / "q" / f"m.{n}"
+    pool = spare.SparePool(str(queue / "spare" / "q"))
+    real_utime = os.utime
+
+    def utime_then_other_process(fd: int) -> None:
+        real_utime(fd)
+        os.unlink(marker)  # the other process's claim lands first
+
+    monkeypatch.setattr(os, "utime", utime_then_other_process)
+    assert pool.take_in_place(str(queue)) is None
+    monkeypatch.undo()
+    mess_path = queue / "mess" / str(n % SPLIT) / str(n)
+    assert mess_path.read_bytes().endswith(b"an old finished message\n")  # untouched by us
+
+
+def test_a_kept_spare_whose_mess_name_is_gone_is_dropped(qmail_home: Path) -> None:
+    queue = qmail_home / "queue"
+    n = _kept_spare(queue)
+    (queue / "mess" / str(n % SPLIT) / str(n)).unlink()
+    pool = spare.SparePool(str(queue / "spare" / "q"))
+    assert pool.take_in_place(str(queue)) is None
+    assert not (queue / "spare" / "q" / f"m.{n}").exists()
+
+
+def test_kept_spares_are_neither_counted_nor_cleaned_up_as_messages(
+    qmail_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pyqmail import qstat
+    from pyqmail.send import QmailSend
+
+    queue = qmail_home / "queue"
+    n = _kept_spare(queue)
+    assert qstat.counts(qmail_home) == (0, 0)
+    mess_path = queue / "mess" / str(n % SPLIT) / str(n)
+    long_ago = time.time() - 40 * 3600
+    os.utime(mess_path, (long_ago, long_ago))
+    asked: list[str] = []
+    send = QmailSend.__new__(QmailSend)
+    send.queue = queue
+    monkeypatch.setattr(send, "clean_later", asked.append)
+    send.cleanup(time.time())
+    assert asked == []
+    # a power cut undid a claim (the pool name is back) and the injection died with
+    # its envelope written: an old stray all the same, and qmail-clean keeps the file
+    intd = queue / "intd" / str(n)
+    intd.write_bytes(b"u0\0p1\0Fa@example.test\0")
+    send.cleanup(time.time())
+    assert asked == [f"foop/{n}"]
+    assert clean.handle(queue, asked.pop().encode()) == b"+"
+    assert not intd.exists() and mess_path.stat().st_nlink == 2
+    # a claimed spare whose injection died (one name left) is an old stray as in qmail
+    os.unlink(queue / "spare" / "q" / f"m.{n}")
+    send.cleanup(time.time())
+    assert asked == [f"foop/{n}"]

@@ -64,7 +64,10 @@ def handle(queue: Path, command: bytes) -> bytes:
     spares = spare.pool(queue, "q")
     if prefix == b"foop/":
         ok = _remove(spares, f"{queue}/intd/{n}", f"intd.{n}")
-        ok = _remove(spares, f"{queue}/mess/{n % SPLIT}/{n}", f"mess.{n}") and ok
+        mess = f"{queue}/mess/{n % SPLIT}/{n}"
+        # kept at its name, the next message written over it needs no mess/ fsync
+        if not spares.keep_in_place(mess, n):
+            ok = _remove(spares, mess, f"mess.{n}") and ok
     elif prefix == b"todo/":
         # todo/n is a second name of intd/n: it goes first, so that emptying intd/n
         # can never leave a todo entry without its envelope

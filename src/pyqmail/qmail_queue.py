@@ -147,6 +147,8 @@ class Enqueuer:
         self.size = 0  # bytes written to the mess file
         self.pending = bytearray()  # bytes for the mess file not yet written
         self.made: list[str] = []  # files only write/read failures may remove (as qmail)
+        # whether the mess file's name in mess/N is durable already (a spare kept there)
+        self.mess_named = False
 
     def begin(self) -> None:
         queue = self.queue
@@ -155,9 +157,14 @@ class Enqueuer:
             os.stat(queue)
         except OSError:
             raise QueueExit(QQ_QUEUE) from None
-        # a spare's inode number is known before it is renamed, so it becomes
-        # mess/N/inode in one step; only a new file needs qmail's pid file
-        taken = spare.pool(queue, "q").take_as(lambda ino: f"{queue}/mess/{ino % SPLIT}/{ino}")
+        # best a spare still at its mess name; else a spare's inode number is known
+        # before it is renamed, so it becomes mess/N/inode in one step; only a new
+        # file needs qmail's pid file
+        spares = spare.pool(queue, "q")
+        taken = spares.take_in_place(queue)
+        self.mess_named = taken is not None
+        if taken is None:
+            taken = spares.take_as(lambda ino: f"{queue}/mess/{ino % SPLIT}/{ino}")
         if taken is not None:
             self.fd, messfn = taken
             self.inode = int(messfn.rsplit("/", 1)[1])
@@ -225,7 +232,8 @@ class Enqueuer:
         try:
             spare.finish(self.fd, self.size)
             os.fsync(self.fd)
-            fsync_dir(f"{queue}/mess/{n % SPLIT}")
+            if not self.mess_named:
+                fsync_dir(f"{queue}/mess/{n % SPLIT}")
         except OSError:
             raise QueueExit(QQ_WRITE) from None
         finally:

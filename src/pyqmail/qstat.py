@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .constants import EXIT_TEMP, SPLIT
 from .home import HOME_HELP, resolve_home
+from .spare import IN_PLACE
 
 
 class QstatError(Exception):
@@ -31,7 +32,17 @@ def counts(home: Path) -> tuple[int, int]:
     """(messages in queue, messages not yet preprocessed)."""
     queue = home / "queue"
     messages = sum(_count(queue / "mess" / str(i)) for i in range(SPLIT))
-    return messages, _count(queue / "todo")
+    # finished mess files kept at their names for reuse are not messages
+    messages -= _count_kept_spares(queue / "spare" / "q")
+    return max(messages, 0), _count(queue / "todo")
+
+
+def _count_kept_spares(pool: Path) -> int:
+    try:
+        with os.scandir(pool) as it:
+            return sum(1 for entry in it if entry.name.startswith(IN_PLACE))
+    except OSError:
+        return 0  # no pool: nothing is kept
 
 
 def main(argv: list[str] | None = None) -> int:
