@@ -30,6 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from pyqmail import qstat
 from pyqmail.init import HomeSettings, create_home
 from pyqmail.qq import queue_message
 
@@ -92,7 +93,9 @@ class PyQmail:
                 raise RuntimeError(f"queueing failed: {r.text}")
 
     def queued(self) -> int:
-        return count_files(self.home / "queue" / "mess")
+        # qmail-qstat's count: finished mess files kept for reuse are not messages
+        messages: int = qstat.counts(self.home)[0]
+        return messages
 
     def deliver(self, n: int) -> float:
         start = time.monotonic()

@@ -169,7 +169,12 @@ class Pyqmail(System):
     def queue_files(self) -> int:
         if self.smtpd_only:
             return 0  # nothing delivers; the queue only grows
-        return sum(count_files(d) for d in (self.home / "queue" / "mess").iterdir())
+        # qmail-qstat's count: finished mess files stay in mess/ for reuse, each with
+        # a second name spare/q/m.N, and are not messages
+        queue = self.home / "queue"
+        messages = sum(count_files(d) for d in (queue / "mess").iterdir())
+        kept = sum(1 for name in os.listdir(queue / "spare" / "q") if name.startswith("m."))
+        return messages - kept
 
 
 class Postfix(System):
