@@ -34,6 +34,8 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pyqmail import qstat
+
 BIN = Path(sys.executable).parent
 SMTP_SOURCE_CANDIDATES = ("/usr/sbin/smtp-source", "/usr/lib/postfix/sbin/smtp-source")
 NOBODY = 65534
@@ -169,12 +171,9 @@ class Pyqmail(System):
     def queue_files(self) -> int:
         if self.smtpd_only:
             return 0  # nothing delivers; the queue only grows
-        # qmail-qstat's count: finished mess files stay in mess/ for reuse, each with
-        # a second name spare/q/m.N, and are not messages
-        queue = self.home / "queue"
-        messages = sum(count_files(d) for d in (queue / "mess").iterdir())
-        kept = sum(1 for name in os.listdir(queue / "spare" / "q") if name.startswith("m."))
-        return messages - kept
+        # qmail-qstat's count: finished mess files kept in mess/ for reuse are not messages
+        messages: int = qstat.counts(self.home)[0]
+        return messages
 
 
 class Postfix(System):
