@@ -42,6 +42,24 @@ def test_a_worker_serves_up_to_max_use_connections(tmp_path: Path) -> None:
         assert "served 3" in srv.log_text()
 
 
+def test_the_server_side_closes_every_connection_when_its_session_ends(tmp_path: Path) -> None:
+    # the first client makes the server fork a worker while holding that client's socket;
+    # the worker must not keep a copy of it, or the client never sees the end of the
+    # connection (and one client's process would hold another client's socket)
+    with library_server(tmp_path, limit=2, options={"max_use": 10, "verbosity": 2}) as srv:
+        pids: set[int] = set()
+        for i in range(1, 4):
+            c = Client("127.0.0.1", srv.port)
+            pids.add(c.greeting()["pid"])
+            c.send(b"quit\n")
+            assert c.readline() == b"bye\n"
+            assert c.readline(timeout=5) == b""  # EOF, not a timeout
+            c.close()
+            # the worker is free again before the next client, so that one reuses it
+            assert wait_for(lambda i=i: srv.log_text().count("status: 0/2") >= i + 1)
+        assert len(pids) == 1  # a fresh worker's first client, then its later ones
+
+
 def test_no_client_variables_reach_the_next_client(tmp_path: Path) -> None:
     rules = tmp_path / "tcp.cdb"
     compile_rules(

@@ -502,7 +502,7 @@ class TCPServer:
             self._collect_ready()
         try:
             while True:
-                worker = self.idle.pop() if self.idle else self._fork_worker()
+                worker = self.idle.pop() if self.idle else self._fork_worker(conn)
                 if worker is None:
                     return
                 try:
@@ -529,7 +529,8 @@ class TCPServer:
             if isinstance(key.data, _Worker):
                 self._worker_says(key.data)
 
-    def _fork_worker(self) -> _Worker | None:
+    def _fork_worker(self, in_hand: socket.socket) -> _Worker | None:
+        """Fork a worker while the parent holds ``in_hand``, a client's connection."""
         assert self._sel is not None
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
@@ -542,6 +543,10 @@ class TCPServer:
             return None
         if pid == 0:
             ours.close()
+            # the worker gets this client through its channel like any other; an inherited
+            # copy would outlive the session and keep the connection open until the worker
+            # exits, in a process that goes on to serve other clients
+            in_hand.close()
             self._worker_main(theirs)
         theirs.close()
         worker = _Worker(pid, ours)
