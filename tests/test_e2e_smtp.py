@@ -48,6 +48,18 @@ def test_smtplib_to_maildir(qmail_home: Path, mta: MTA) -> None:
     assert received[0].startswith("(qmail ")  # qmail-queue's own line comes first
     assert "by mx.example.test with ESMTP" in received[1]
     assert m.get_payload() == "line one\n.dot line\n"
+    # the SMTP log names the message by the number qmail-send's log uses for it
+    smtpd_log = qmail_home / "log" / "smtpd" / "current"
+
+    def accepted_lines() -> list[str]:
+        return [line for line in smtpd_log.read_text().splitlines() if "message accepted" in line]
+
+    wait_for(lambda: bool(accepted_lines()), what="the SMTP log line")
+    [accepted] = accepted_lines()
+    number = accepted.rsplit(" msg ", 1)[1]
+    assert number.isdigit()
+    wait_for(lambda: f"info msg {number}: bytes " in mta.log(), what="qmail-send's log line")
+    assert f"new msg {number}\n" in mta.log()
 
 
 def test_swaks_to_maildir_and_relay_refused_for_strangers(qmail_home: Path, mta: MTA) -> None:

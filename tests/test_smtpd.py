@@ -103,7 +103,10 @@ def test_message_is_queued_with_received_line(smtpd: Start, qmail_home: Path) ->
     assert lines[2].endswith(b" -0000")
     assert mess.endswith(b"Subject: hi\n\n.dotted\nbody\n")
     log = s.log.read_text()
-    assert "message accepted qp" in log and "from <alice@example.org> rcpts 2" in log
+    assert "message accepted qp" in log
+    # the message number qmail-send will log as "new msg N", for matching the two logs
+    [number] = os.listdir(qmail_home / "queue" / "todo")
+    assert f"from <alice@example.org> rcpts 2 msg {number}\n" in log
     assert "end: quit" in log
 
 
@@ -486,6 +489,9 @@ def test_qmailqueue_success_and_unexecutable(smtpd: Start, tmp_path: Path) -> No
     s = smtpd(QMAILQUEUE=str(ok))
     code, text = send_message(s, b"a@example.org", [b"u@example.test"], b"x\r\n")
     assert code == 250
+    # a separate qmail-queue program does not say which number it gave the message
+    [accepted] = [line for line in s.log.read_text().splitlines() if "accepted" in line]
+    assert accepted.endswith(" rcpts 1")
     s2 = smtpd(QMAILQUEUE=str(tmp_path / "missing"))
     assert send_message(s2, b"a@example.org", [b"u@example.test"], b"x\r\n") == (
         451,

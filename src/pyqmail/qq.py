@@ -74,6 +74,9 @@ class QueueResult:
     code: int
     text: str  # "" when queued, else a verdict letter (D perm, Z temp) and text
     qp: int  # pid of the qmail-queue process, for logs
+    # the queued message's number (its inode, as qmail-send logs it) when qmail-queue ran in
+    # this process; 0 when it ran as its own program, which does not tell it
+    number: int = 0
 
     @property
     def ok(self) -> bool:
@@ -223,7 +226,8 @@ class InProcessQueue:
     def finish(self, sender: str, recipients: list[str]) -> QueueResult:
         data = envelope(sender, recipients)
         self._attempt(lambda: self.job.commit(lambda: check_envelope(data)))
-        return QueueResult(self.code, qq_text(self.code), self.pid)
+        number = 0 if self.code else self.job.inode
+        return QueueResult(self.code, qq_text(self.code), self.pid, number)
 
     def abort(self) -> None:
         self.job.abort()

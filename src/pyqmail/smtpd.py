@@ -714,9 +714,12 @@ class Session:
         result: QueueResult = qq.finish(ev.sender, list(ev.recipients))
         if result.ok:
             self.messages += 1
+            # a worker queues many messages under one pid, so qp alone no longer tells
+            # which of qmail-send's "new msg N" lines is this message's
+            number = f" msg {result.number}" if result.number else ""
             self.log(
                 f"message accepted qp {result.qp} bytes {ev.size} from <{safe(ev.sender)}>"
-                f" rcpts {len(ev.recipients)}"
+                f" rcpts {len(ev.recipients)}{number}"
             )
             return Reply.of(250, f"ok {int(time.time())} qp {result.qp}", "2.6.0")
         code = 554 if result.permanent else 451
