@@ -4,7 +4,9 @@
 Postfix's smtp-source sends 5 KB messages (one connection per message) with 20 sessions and
 with 1 session to each system in turn, A B A B ..., and the script prints messages/second
 accepted (smtp-source's wall time) and delivered end to end (until that many new files sit in
-the target Maildir), as medians with min and max, plus the pyqmail/Postfix ratio.
+the target Maildir), as medians with min and max, plus the pyqmail/Postfix ratio.  It also
+prints the whole machine's busy CPU time per message over each run: both systems are bound by
+CPU here, and CPU per message moves less with the shared machine's noise than wall time does.
 
 The protocol of /work/shared/benchmarking.md is followed: before every measured run both
 queues are empty, `sync` has run and the script sleeps (65 s by default) so that the inodes
@@ -253,6 +255,26 @@ class Postfix(System):
 class Result:
     accepted: float
     end_to_end: float | None
+    cpu_ms: float | None = None  # whole machine's busy CPU per message, see busy_cpu_seconds
+
+
+def busy_cpu_seconds() -> float | None:
+    """CPU time the whole machine has spent busy so far (all cores), from /proc/stat.
+
+    Busy is user, nice, system, irq and softirq time; idle, I/O wait and time stolen by
+    the hypervisor are not.  Over a run it counts everything that ran: the system under
+    test, smtp-source and this script's polling (the same for both systems), and whatever
+    else the shared machine did, so it is a figure to compare within one run only.
+    """
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    if not fields or fields[0] != "cpu":
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq = (int(x) for x in fields[1:8])
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
 
 
 def settle(systems: list[System], pause: float) -> None:
@@ -286,6 +308,7 @@ def measure(smtp_source: str, system: System, sessions: int, messages: int, size
         "client.bench.test",
         f"127.0.0.1:{system.port}",
     ]
+    cpu_before = busy_cpu_seconds()
     start = time.monotonic()
     proc = subprocess.run(argv, capture_output=True, timeout=3600)
     accepted_at = time.monotonic()
@@ -301,13 +324,19 @@ def measure(smtp_source: str, system: System, sessions: int, messages: int, size
                 raise RuntimeError(f"{system.name}: not all messages delivered in 10 minutes")
             time.sleep(0.01)
         e2e = messages / (time.monotonic() - start)
-    return Result(messages / (accepted_at - start), e2e)
+    # to the last delivery when there is one: what a message costs from SMTP to Maildir
+    cpu_after = busy_cpu_seconds()
+    cpu_ms = None
+    if cpu_before is not None and cpu_after is not None:
+        cpu_ms = (cpu_after - cpu_before) * 1000 / messages
+    return Result(messages / (accepted_at - start), e2e, cpu_ms)
 
 
-def summary(values: list[float]) -> str:
+def summary(values: list[float], digits: int = 0) -> str:
     if not values:
         return "-"
-    return f"{statistics.median(values):7.0f} ({min(values):.0f}-{max(values):.0f})"
+    low, mid, high = min(values), statistics.median(values), max(values)
+    return f"{mid:7.{digits}f} ({low:.{digits}f}-{high:.{digits}f})"
 
 
 def main() -> int:
@@ -367,38 +396,51 @@ def main() -> int:
                     r = measure(smtp_source, s, sessions, messages, args.size)
                     results[s.name].setdefault(sessions, []).append(r)
                     shown = f"{r.end_to_end:.0f}" if r.end_to_end is not None else "-"
-                    log(f"  accepted {r.accepted:.0f} msg/s, end to end {shown} msg/s")
+                    cost = f"{r.cpu_ms:.2f}" if r.cpu_ms is not None else "-"
+                    log(
+                        f"  accepted {r.accepted:.0f} msg/s, end to end {shown} msg/s,"
+                        f" machine CPU {cost} ms/msg"
+                    )
         settle(systems, 0)
     finally:
         for s in reversed(started):
             s.stop()
 
     print(f"\nsmtp-source, {args.size}-byte messages, one connection per message, {args.runs} runs")
-    print("median (min-max) messages/second")
+    print("median (min-max) messages/second; machine CPU ms per message (all cores, to the")
+    print("last delivery; lower is better)")
     for sessions in (20, 1):
         print(f"\n{sessions} session(s):")
-        print(f"  {'system':10} {'accepted':>22} {'end to end':>22}")
-        medians: dict[str, tuple[float, float | None]] = {}
+        print(f"  {'system':10} {'accepted':>22} {'end to end':>22} {'CPU ms/msg':>22}")
+        medians: dict[str, tuple[float, float | None, float | None]] = {}
         for s in systems:
             rs = results[s.name].get(sessions, [])
             acc = [r.accepted for r in rs]
             e2e = [r.end_to_end for r in rs if r.end_to_end is not None]
-            print(f"  {s.name:10} {summary(acc):>22} {summary(e2e):>22}")
+            cpu = [r.cpu_ms for r in rs if r.cpu_ms is not None]
+            print(f"  {s.name:10} {summary(acc):>22} {summary(e2e):>22} {summary(cpu, 2):>22}")
             medians[s.name] = (
                 statistics.median(acc) if acc else 0.0,
                 statistics.median(e2e) if e2e else None,
+                statistics.median(cpu) if cpu else None,
             )
         if "postfix" in medians and medians["postfix"][0]:
-            pa, pe = medians["pyqmail"]
-            fa, fe = medians["postfix"]
+            pa, pe, pc = medians["pyqmail"]
+            fa, fe, fc = medians["postfix"]
             line = f"  ratio pyqmail/postfix: accepted {pa / fa:.2f}"
             if pe is not None and fe:
                 line += f", end to end {pe / fe:.2f}"
+            if pc and fc:
+                # inverted so that, like the others, above 1.0 means pyqmail does better
+                line += f", CPU per message (postfix/pyqmail) {fc / pc:.2f}"
             print(line)
     if args.json:
         raw = {
             name: {
-                str(k): [{"accepted": r.accepted, "end_to_end": r.end_to_end} for r in v]
+                str(k): [
+                    {"accepted": r.accepted, "end_to_end": r.end_to_end, "cpu_ms": r.cpu_ms}
+                    for r in v
+                ]
                 for k, v in per.items()
             }
             for name, per in results.items()
