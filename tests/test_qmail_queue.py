@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 from pathlib import Path
@@ -9,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from _mta import bin_path, queue_files
-from pyqmail.qq import QueueClient, qq_text, queue_message
+from pyqmail import spare
+from pyqmail.qq import InProcessQueue, QueueClient, qq_text, queue_message
 
 
 def run_qq(home: Path, message: bytes, envelope: bytes, env: dict[str, str] | None = None) -> int:
@@ -133,3 +135,118 @@ def test_invoked_phrase_from_caller(qmail_home: Path) -> None:
     assert queue_message(qmail_home, b"x\n", "", ["a@b.test"], invoked="from network").ok
     (mess,) = [p for p in (qmail_home / "queue" / "mess").rglob("*") if p.is_file()]
     assert b"invoked from network); " in mess.read_bytes().split(b"\n", 1)[0]
+
+
+# -- the commit: both files' writes started together, fsync'd, then todo --------------
+
+
+def _record_commit(
+    monkeypatch: pytest.MonkeyPatch, fail_fsync_of: str | None = None
+) -> list[tuple[str, int]]:
+    """Record writeback starts, fsyncs and links as (call, inode), in the order they happen."""
+    from pyqmail import qmail_queue
+
+    events: list[tuple[str, int]] = []
+    real_fsync, real_link, real_start = os.fsync, os.link, qmail_queue.start_writeback
+
+    def start(fd: int) -> None:
+        events.append(("writeback", os.fstat(fd).st_ino))
+        real_start(fd)
+
+    def fsync(fd: int) -> None:
+        # the name the file was opened by (a new mess file's is its pid name)
+        opened_as = os.readlink(f"/proc/self/fd/{fd}")
+        if fail_fsync_of is not None and f"/{fail_fsync_of}/" in opened_as:
+            events.append(("fsync failed", os.fstat(fd).st_ino))
+            raise OSError(errno.EIO, "simulated disk error")
+        real_fsync(fd)
+        events.append(("fsync", os.fstat(fd).st_ino))
+
+    def link(src: str, dst: str) -> None:
+        real_link(src, dst)
+        kind = dst.split("/queue/", 1)[-1].split("/", 1)[0]  # mess, todo
+        events.append(("link " + kind, os.stat(dst).st_ino))
+
+    monkeypatch.setattr(qmail_queue, "start_writeback", start)
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "link", link)
+    return events
+
+
+def test_commit_writes_both_files_then_fsyncs_them_then_links_todo(
+    qmail_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pyqmail import queue
+
+    assert queue._sync_file_range is not None  # Linux: the head start is really taken here
+    numbers: list[int] = []
+    for round_ in range(2):  # a new mess file, then (with qmail-clean's help) a kept one
+        monkeypatch.setattr(spare, "_pools", {})  # no pool listing remembered from before
+        events = _record_commit(monkeypatch)
+        job = InProcessQueue(qmail_home, "by test")
+        job.write(b"Subject: order\n\n" + b"x" * 20_000 + b"\n")
+        result = job.finish("joe@a.test", ["bob@example.test"])
+        assert result.ok
+        n = result.number
+        intd = (qmail_home / "queue" / "intd" / str(n)).stat().st_ino
+        todo = (qmail_home / "queue" / "todo").stat().st_ino
+        order = [e for e in events if e[1] in (n, intd, todo) and e[0] != "link mess"]
+        expected = [("writeback", n), ("writeback", intd), ("fsync", n)]
+        if round_ == 0:  # a new name in mess/S: that directory is fsync'd too
+            mess_dir = (qmail_home / "queue" / "mess" / str(n % 23)).stat().st_ino
+            wanted = (n, intd, todo, mess_dir)
+            order = [e for e in events if e[1] in wanted and e[0] != "link mess"]
+            expected.append(("fsync", mess_dir))
+        else:
+            assert n == numbers[0]  # the kept mess file was written over, under its name
+        numbers.append(n)
+        assert order == [*expected, ("fsync", intd), ("link todo", intd), ("fsync", todo)]
+        (entry,) = todo_entries(qmail_home)
+        assert entry.endswith(b"\0Fjoe@a.test\0Tbob@example.test\0")
+        monkeypatch.undo()
+        # finished as qmail-send would finish it: the mess file stays, as a spare
+        (qmail_home / "queue" / "todo" / str(n)).unlink()
+        (qmail_home / "queue" / "intd" / str(n)).unlink()
+        spare.pool(str(qmail_home / "queue"), "q").keep_in_place(
+            str(qmail_home / "queue" / "mess" / str(n % 23) / str(n)), n
+        )
+
+
+@pytest.mark.parametrize("failing", ["intd", "mess"])
+def test_commit_whose_fsync_fails_queues_nothing(
+    qmail_home: Path, monkeypatch: pytest.MonkeyPatch, failing: str
+) -> None:
+    # a reused mess file is opened by its mess name; a new one by its pid name
+    queue_message(qmail_home, b"x\n", "a@b.test", ["c@d.test"])  # leaves a spare to reuse
+    (entry,) = os.listdir(qmail_home / "queue" / "todo")
+    n = int(entry)
+    for sub in ("todo", "intd"):
+        (qmail_home / "queue" / sub / entry).unlink()
+    spare.pool(str(qmail_home / "queue"), "q").keep_in_place(
+        str(qmail_home / "queue" / "mess" / str(n % 23) / entry), n
+    )
+    monkeypatch.setattr(spare, "_pools", {})
+    events = _record_commit(monkeypatch, fail_fsync_of=failing)
+    job = InProcessQueue(qmail_home, "from network")
+    job.write(b"Subject: lost disk\n\nbody\n")
+    result = job.finish("joe@a.test", ["bob@example.test"])
+    assert (result.code, result.text) == (53, "Zqq write error or disk full (#4.3.0)")
+    assert [call for call, _ in events if call.startswith("fsync failed")] == ["fsync failed"]
+    assert not [call for call, _ in events if call == "link todo"]
+    assert todo_entries(qmail_home) == []
+    monkeypatch.undo()
+    assert queue_files(qmail_home) == []  # the message and its envelope are gone again
+
+
+def test_start_writeback_is_only_a_hint(tmp_path: Path) -> None:
+    from pyqmail.queue import start_writeback
+
+    fd = os.open(tmp_path / "f", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, b"data")
+        start_writeback(fd)
+    finally:
+        os.close(fd)
+    start_writeback(fd)  # a closed descriptor: nothing raised, the fsync would say it
+    start_writeback(-1)
+    assert (tmp_path / "f").read_bytes() == b"data"

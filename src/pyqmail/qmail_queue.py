@@ -1,8 +1,9 @@
 """qmail-queue: put one message into the queue, crash-safely.
 
 Message on fd 0, envelope on fd 1 (`F<sender>\\0T<rcpt>\\0...\\0`), exit code only.
-The order of operations is qmail's; the extra directory fsyncs make the
-links durable on Linux filesystems, where link() returning is not enough.
+The order of operations is qmail's, but for the envelope being written before
+the message's fsync returns (Enqueuer.commit); the extra directory fsyncs make
+the links durable on Linux filesystems, where link() returning is not enough.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from . import spare
 from .constants import ADDRESS_LIMIT, DEATH, SPLIT
 from .fmt import rfc822_date
 from .home import resolve_home
-from .queue import fsync_dir, pull_trigger
+from .queue import fsync_dir, pull_trigger, start_writeback
 
 # qmail-queue's own exit codes
 QQ_OK = 0
@@ -222,22 +223,31 @@ class Enqueuer:
             del self.pending[:]
 
     def commit(self, read_envelope: Callable[[], bytes]) -> None:
-        """Make the message durable, then its envelope, then hand it to qmail-send.
+        """Make the message and its envelope durable, then hand them to qmail-send.
 
         read_envelope runs after intd exists, as in qmail-queue, and returns what
         follows `u` and `p` in it (see _read_envelope) or raises QueueExit.
+
+        qmail writes and fsyncs the message, then writes and fsyncs intd.  Here both
+        are written first, with their writeback started (start_writeback), and then
+        fsync'd in that order, so the disk works on both at once.  The commit point is
+        unchanged: todo is linked only once both fsyncs have returned, so a crash
+        before it leaves at most a message and an envelope that are not in todo, as a
+        crash between qmail's two fsyncs does.
         """
+        try:
+            self._commit(read_envelope)
+        finally:
+            self.close()
+
+    def _commit(self, read_envelope: Callable[[], bytes]) -> None:
         queue, n = self.queue, self.inode
         self.flush()
         try:
             spare.finish(self.fd, self.size)
-            os.fsync(self.fd)
-            if not self.mess_named:
-                fsync_dir(f"{queue}/mess/{n % SPLIT}")
         except OSError:
             raise QueueExit(QQ_WRITE) from None
-        finally:
-            self.close()
+        start_writeback(self.fd)
         intdfn = f"{queue}/intd/{n}"
         taken = spare.pool(queue, "q").take(intdfn)
         if taken is not None:
@@ -256,6 +266,10 @@ class Enqueuer:
             _write_all(ifd, envelope)
             try:
                 spare.finish(ifd, len(envelope))
+                start_writeback(ifd)
+                os.fsync(self.fd)
+                if not self.mess_named:
+                    fsync_dir(f"{queue}/mess/{n % SPLIT}")
                 os.fsync(ifd)
             except OSError:
                 raise QueueExit(QQ_WRITE) from None
