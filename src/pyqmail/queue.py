@@ -35,20 +35,25 @@ def fsync_dir(path: Path | str) -> None:
         os.close(fd)
 
 
-_SYNC_FILE_RANGE_WRITE = 2
+def libc_function(name: str, argtypes: list[Any]) -> Any:
+    """The C library's function `name` returning int, with errno kept; None if it has none.
 
-
-def _find_sync_file_range() -> Any:
+    For the Linux calls Python's os module lacks; callers fall back without them.
+    """
     try:
-        function = ctypes.CDLL(None).sync_file_range
-    except (OSError, AttributeError):  # not Linux: every fsync does all the work itself
+        function = getattr(ctypes.CDLL(None, use_errno=True), name)
+    except (OSError, AttributeError):
         return None
-    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    function.argtypes = argtypes
     function.restype = ctypes.c_int
     return function
 
 
-_sync_file_range: Any = _find_sync_file_range()
+_SYNC_FILE_RANGE_WRITE = 2
+# not on Linux: every fsync then does all the work itself
+_sync_file_range: Any = libc_function(
+    "sync_file_range", [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+)
 
 
 def start_writeback(fd: int) -> None:

@@ -57,6 +57,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .constants import SPLIT
+from .queue import libc_function
 
 IN_PLACE = "m."  # pool names of finished mess files kept at their queue names
 POOL_MAX = 5000  # spares per pool; past this, finished files are unlinked as before
@@ -68,17 +69,10 @@ _AT_FDCWD = -100
 _RENAME_NOREPLACE = 1
 
 
-def _find_renameat2() -> Any:
-    try:
-        function = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):  # no such libc function: link and unlink instead
-        return None
-    function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    function.restype = ctypes.c_int
-    return function
-
-
-_renameat2: Any = _find_renameat2()
+# no such libc function: link and unlink instead
+_renameat2: Any = libc_function(
+    "renameat2", [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+)
 
 
 def rename_noreplace(src: str, dst: str) -> None:
