@@ -28,9 +28,13 @@ unless asked: remote host names are looked up only with -h (default -H), ident o
 from __future__ import annotations
 
 import errno
+import fcntl
 import gc
 import getopt
+import hashlib
+import mmap
 import os
+import select
 import selectors
 import signal
 import socket
@@ -102,12 +106,19 @@ class ServerOptions:
 
 @dataclass
 class _Worker:
-    """A pool worker as the parent sees it: its channel and whom it serves now."""
+    """A pool worker as the parent sees it: its channel and its slot in the shared page."""
 
     pid: int
     chan: socket.socket
-    ip: str | None = None  # the client being served; None while idle
-    idle_since: float = 0.0
+    slot: int
+
+
+# a pool worker's state byte in the shared page
+_EMPTY, _IDLE, _BUSY = 0, 1, 2
+_IDLE_BYTE, _BUSY_BYTE = bytes([_IDLE]), bytes([_BUSY])
+_ADDR_SIZE = 16  # a client address in the shared page: IPv6, or IPv4 as IPv4-mapped
+_FORK_RETRY = 1.0  # seconds before the parent tries again after a failed fork
+_ACCEPT_RETRY = 0.1  # seconds a worker pauses after accept fails for lack of resources
 
 
 class ServerError(Exception):
@@ -117,6 +128,17 @@ class ServerError(Exception):
 def _safe(text: str) -> str:
     """Log-safe text: the log layout uses ':' as separator, so it is masked too."""
     return "".join(c if 32 < ord(c) < 127 and c not in ":%" else "?" for c in text)
+
+
+def _pack_ip(ip: str) -> bytes:
+    """A client address in the shared page's 16 bytes."""
+    try:
+        if ":" in ip:
+            return socket.inet_pton(socket.AF_INET6, ip)
+        return bytes(10) + b"\xff\xff" + socket.inet_pton(socket.AF_INET, ip)
+    except OSError:
+        # not a literal the kernel takes back (a scoped address): still one key per text
+        return hashlib.blake2b(ip.encode(errors="replace"), digest_size=_ADDR_SIZE).digest()
 
 
 def _errtext(exc: OSError) -> str:
@@ -259,8 +281,9 @@ class TCPServer:
         self._sel: selectors.BaseSelector | None = None
         self._polling = False
         self.workers: dict[int, _Worker] = {}  # pool mode, by pid
-        self.idle: list[_Worker] = []  # most recently used last
-        self.busy = 0
+        self._pool: mmap.mmap | None = None  # pool mode: the page the workers share
+        self._pool_fd = -1
+        self._fork_retry_at = 0.0
 
     # -- logging --------------------------------------------------------------------------
 
@@ -276,7 +299,7 @@ class TCPServer:
 
     def _active(self) -> int:
         """Connections being served now."""
-        return self.busy if self.opts.max_use > 0 else len(self.children)
+        return self._pool_active() if self.opts.max_use > 0 else len(self.children)
 
     # -- setup ----------------------------------------------------------------------------
 
@@ -361,6 +384,9 @@ class TCPServer:
         }
         self._sel = selectors.DefaultSelector()
         self._sel.register(self._wake_r, selectors.EVENT_READ)
+        pooled = self.opts.max_use > 0
+        if pooled:
+            self._open_pool()
         # objects alive now are shared copy-on-write with every child; keep the collector
         # from touching (and so copying) their pages there
         gc.collect()
@@ -375,23 +401,30 @@ class TCPServer:
                 )
             self._status()
             while not self.stopping:
-                self._set_polling(self._active() < self.opts.limit)
-                for key, _ in self._sel.select(self._idle_timeout()):
+                if pooled:
+                    # workers accept for themselves; an empty pool gets a worker on demand
+                    self._set_polling(not self.workers and time.monotonic() >= self._fork_retry_at)
+                else:
+                    self._set_polling(self._active() < self.opts.limit)
+                for key, _ in self._sel.select(self._loop_timeout()):
                     if key.fileobj == self._wake_r:
                         self._drain_wakeup()
                     elif isinstance(key.data, _Worker):
                         self._worker_says(key.data)
-                    elif not self.stopping:
+                    elif self.stopping:
+                        pass
+                    elif pooled:
+                        self._grow()
+                    else:
                         sock = key.fileobj
                         assert isinstance(sock, socket.socket)
                         self._accept_from(sock)
                 self._reap()
-                self._retire_idle()
             self._set_polling(False)
             self.close()
             # a worker's closed channel tells it to exit once its client is done
             for worker in list(self.workers.values()):
-                self._drop_worker(worker)
+                self._drop_worker(worker, gone=False)
             self._shutdown_children()
         finally:
             gc.unfreeze()
@@ -401,7 +434,14 @@ class TCPServer:
             self._sel.close()
             os.close(self._wake_r)
             os.close(self._wake_w)
+            self._close_pool()
         return 0
+
+    def _loop_timeout(self) -> float | None:
+        """Only an empty pool after a failed fork has a reason to wake up by itself."""
+        if self.opts.max_use > 0 and not self.workers and self._fork_retry_at:
+            return max(0.0, self._fork_retry_at - time.monotonic())
+        return None
 
     def _drain_wakeup(self) -> None:
         try:
@@ -423,12 +463,14 @@ class TCPServer:
                 continue
             worker = self.workers.get(pid)
             if worker is not None:
-                self._drop_worker(worker)
+                self._drop_worker(worker, gone=True)
+                self._grow_if_serving()
             elif ip:
                 self._uncount(ip)
             if self.opts.verbosity >= 2:
                 self._log(f"end {pid} status {status}")
-            self._status()
+            if self.opts.max_use == 0:
+                self._status()  # pool workers say it themselves
 
     def _uncount(self, ip: str) -> None:
         left = self.per_ip_count.get(ip, 1) - 1
@@ -455,9 +497,7 @@ class TCPServer:
                 return
             self._start(conn, peer)
 
-    def _refuse_over_limit(self, conn: socket.socket, ip: str) -> None:
-        if self.opts.verbosity >= 2:
-            self._log(f"per-ip limit {ip} {self.per_ip_count.get(ip, 0)}/{self.opts.per_ip}")
+    def _refuse_over_limit(self, conn: socket.socket) -> None:
         if self.opts.over_limit_banner:
             try:
                 conn.send(self.opts.over_limit_banner, socket.MSG_DONTWAIT)
@@ -469,10 +509,9 @@ class TCPServer:
     def _start(self, conn: socket.socket, peer: tuple[object, ...]) -> None:
         ip = normalize_ip(str(peer[0]))
         if self.opts.per_ip > 0 and self.per_ip_count.get(ip, 0) >= self.opts.per_ip:
-            self._refuse_over_limit(conn, ip)
-            return
-        if self.opts.max_use > 0:
-            self._dispatch(conn, peer, ip)
+            if self.opts.verbosity >= 2:
+                self._log(f"per-ip limit {ip} {self.per_ip_count.get(ip, 0)}/{self.opts.per_ip}")
+            self._refuse_over_limit(conn)
             return
         rules: tuple[CDB | None, str | None] = (None, None)
         if self.rules is not None:
@@ -494,155 +533,254 @@ class TCPServer:
         self._status()
 
     # -- the worker pool (max_use > 0) ------------------------------------------------------
+    #
+    # Workers accept connections themselves, as Postfix's smtpd processes do: the parent is not
+    # on a connection's path at all, which spares it two context switches and the descriptor
+    # passing per connection.  Each worker waits on every listener in its own epoll with
+    # EPOLLEXCLUSIVE: the kernel wakes one waiting worker per connection, the one whose epoll
+    # was registered first, so light load stays on the same few warm processes.
+    #
+    # The pool's state is one shared page: a state byte per worker slot (empty, idle, busy)
+    # and the address of the client each busy worker serves.  A worker that takes a
+    # connection and finds no idle worker left asks the parent to fork another (up to the
+    # limit); with every worker busy, clients wait in the listen queue as with ucspi-tcp.
 
-    def _dispatch(self, conn: socket.socket, peer: tuple[object, ...], ip: str) -> None:
-        """Hand the connection to an idle worker, forking one if none is idle."""
-        payload = f"{peer[0]}\0{peer[1]}".encode()
-        if not self.idle:
-            self._collect_ready()
-        try:
-            while True:
-                worker = self.idle.pop() if self.idle else self._fork_worker(conn)
-                if worker is None:
-                    return
-                try:
-                    socket.send_fds(worker.chan, [payload], [conn.fileno()])
-                except OSError:
-                    self._drop_worker(worker)  # it died while idle; try the next one
-                    continue
-                worker.ip = ip
-                self.busy += 1
-                self.per_ip_count[ip] = self.per_ip_count.get(ip, 0) + 1
-                self._status()
-                return
-        finally:
-            conn.close()  # the worker has its own copy now
+    def _open_pool(self) -> None:
+        size = self.opts.limit * (1 + _ADDR_SIZE)
+        self._pool_fd = os.memfd_create("tcpserver-pool")
+        os.ftruncate(self._pool_fd, size)
+        self._pool = mmap.mmap(self._pool_fd, size)
 
-    def _collect_ready(self) -> None:
-        """Take in the workers' "ready" notes that are already waiting.
+    def _close_pool(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
+        if self._pool_fd >= 0:
+            os.close(self._pool_fd)
+            self._pool_fd = -1
 
-        Under load the accept loop runs ahead of the main loop; a worker that has
-        finished may have said so already, and using it is far cheaper than a fork.
-        """
-        assert self._sel is not None
-        for key, _ in self._sel.select(0):
-            if isinstance(key.data, _Worker):
-                self._worker_says(key.data)
+    def _pool_active(self) -> int:
+        assert self._pool is not None
+        return self._pool[: self.opts.limit].count(_BUSY)
 
-    def _fork_worker(self, in_hand: socket.socket) -> _Worker | None:
-        """Fork a worker while the parent holds ``in_hand``, a client's connection."""
-        assert self._sel is not None
+    def _pool_has_idle(self) -> bool:
+        assert self._pool is not None
+        return self._pool.find(_IDLE_BYTE, 0, self.opts.limit) >= 0
+
+    def _grow(self) -> None:
+        """Fork a worker if none is idle and the limit allows."""
+        if self.stopping or self._pool_has_idle() or len(self.workers) >= self.opts.limit:
+            return
+        if time.monotonic() < self._fork_retry_at:
+            return
+        self._fork_worker()
+
+    def _fork_worker(self) -> None:
+        assert self._sel is not None and self._pool is not None
+        taken = {w.slot for w in self.workers.values()}
+        slot = next(i for i in range(self.opts.limit) if i not in taken)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        # idle before it even runs: a sibling taking a connection meanwhile must not ask
+        # for yet another worker
+        self._pool[slot] = _IDLE
         try:
             gc.freeze()
             pid = os.fork()
         except OSError as exc:
             self._log(f"warning: unable to fork: {_errtext(exc)}")
+            self._pool[slot] = _EMPTY
             ours.close()
             theirs.close()
-            return None
+            self._fork_retry_at = time.monotonic() + _FORK_RETRY
+            return
         if pid == 0:
             ours.close()
-            # the worker gets this client through its channel like any other; an inherited
-            # copy would outlive the session and keep the connection open until the worker
-            # exits, in a process that goes on to serve other clients
-            in_hand.close()
-            self._worker_main(theirs)
+            self._worker_main(theirs, slot)
         theirs.close()
-        worker = _Worker(pid, ours)
+        worker = _Worker(pid, ours, slot)
         self.workers[pid] = worker
         self.children[pid] = ""
         self._sel.register(ours, selectors.EVENT_READ, worker)
-        return worker
 
     def _worker_says(self, worker: _Worker) -> None:
         try:
-            data = worker.chan.recv(16, socket.MSG_DONTWAIT)  # _collect_ready may have taken it
+            data = worker.chan.recv(16, socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
             data = b""
-        if data != b"r":  # end of channel: it exited (max_use reached, or it died)
-            self._drop_worker(worker)
+        if data == b"g":
+            self._grow()
             return
-        self._release(worker)
-        worker.idle_since = time.monotonic()
-        self.idle.append(worker)
-        self._status()
+        # end of channel: the worker has exited (max_use, idle, or it died)
+        self._drop_worker(worker, gone=True)
+        self._grow_if_serving()
 
-    def _drop_worker(self, worker: _Worker) -> None:
-        """Forget a worker; closing its channel makes it exit after its current client."""
+    def _grow_if_serving(self) -> None:
+        """After a worker left: a pool that still serves must keep one worker waiting."""
+        if self.workers:
+            self._grow()
+
+    def _drop_worker(self, worker: _Worker, gone: bool) -> None:
+        """Forget a worker; closing its channel makes it exit after its current client.
+
+        ``gone``: the worker is known to have exited, so its slot (and the client address
+        in it, which counts for the per-IP limit) is free again.
+        """
         if self.workers.pop(worker.pid, None) is None:
             return
-        self._release(worker)
-        if worker in self.idle:
-            self.idle.remove(worker)
+        if gone and self._pool is not None:
+            self._pool[worker.slot] = _EMPTY
         if self._sel is not None:
             self._sel.unregister(worker.chan)
         worker.chan.close()
 
-    def _release(self, worker: _Worker) -> None:
-        """The worker's client is gone: free its slot and its address's count."""
-        if worker.ip is not None:
-            self._uncount(worker.ip)
-            worker.ip = None
-            self.busy -= 1
-
-    def _idle_timeout(self) -> float | None:
-        if not self.idle:
-            return None
-        return max(0.0, self.idle[0].idle_since + self.opts.max_idle - time.monotonic())
-
-    def _retire_idle(self) -> None:
-        now = time.monotonic()
-        while self.idle and self.idle[0].idle_since + self.opts.max_idle <= now:
-            self._drop_worker(self.idle[0])
-
-    def _worker_main(self, chan: socket.socket) -> None:
-        """A pool worker: serve one connection at a time until told to stop or max_use."""
+    def _worker_main(self, chan: socket.socket, slot: int) -> None:
+        """A pool worker: accept and serve one connection at a time, up to max_use."""
         code = 0
+        pool = self._pool
+        assert pool is not None
         try:
-            self._leave_parent()
+            self._leave_parent(keep_listeners=True)
             for other in self.workers.values():
                 other.chan.close()  # else a sibling's channel would never see its end
+            poller = select.epoll()
+            by_fd: dict[int, socket.socket] = {}
+            for lsock in self.listeners:
+                poller.register(lsock.fileno(), select.EPOLLIN | select.EPOLLEXCLUSIVE)
+                by_fd[lsock.fileno()] = lsock
+            chan_fd = chan.fileno()
+            poller.register(chan_fd, select.EPOLLIN)
             baseline = dict(os.environ)
             served = 0
+            idle_until = time.monotonic() + self.opts.max_idle
             while served < self.opts.max_use:
-                payload, fds, _flags, _addr = socket.recv_fds(chan, 512, 1)
-                if not fds:
-                    break  # the server is stopping, or retired us for idleness
-                host, _, port = payload.decode().partition("\0")
-                # the kind of socket is known: saying so spares the probes for it
-                family = socket.AF_INET6 if ":" in host else socket.AF_INET
-                conn = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP, fds[0])
-                try:
-                    rules = self.rules.current() if self.rules is not None else (None, None)
-                    status = self._session(conn, (host, int(port)), rules)
-                finally:
-                    # the handler may have closed the fd already; nothing was opened since
-                    fd = conn.detach()
+                events = poller.poll(max(0.0, idle_until - time.monotonic()))
+                if not events:
+                    if self._may_retire(slot):
+                        break
+                    idle_until = time.monotonic() + self.opts.max_idle
+                    continue
+                if any(fd == chan_fd for fd, _ in events):
+                    break  # the server is stopping (or gone)
+                for fd, _ in events:
+                    lsock = by_fd[fd]
                     try:
-                        os.close(fd)
-                    except OSError:
-                        pass
-                    # one client's variables (RELAYCLIENT above all) must not reach the next
-                    if self.opts.set_os_environ:
-                        os.environ.clear()
-                        os.environ.update(baseline)
-                served += 1
-                if self.opts.verbosity >= 2:
-                    self._log(f"end {os.getpid()} status {status} served {served}")
-                if served < self.opts.max_use:
-                    chan.send(b"r")
+                        conn, peer = lsock.accept()
+                    except (BlockingIOError, InterruptedError):
+                        continue  # another worker was faster
+                    except OSError as exc:
+                        self._accept_failed(exc)
+                        continue
+                    if self._serve_accepted(conn, peer, slot, chan, baseline, served + 1):
+                        served += 1
+                    idle_until = time.monotonic() + self.opts.max_idle
+                    break  # look at the channel before taking another client
         except OSError:
-            code = 0  # the server went away while we were busy: nothing left to do
+            code = 0  # the server went away: nothing left to do
         except BaseException as exc:  # noqa: BLE001 - a worker must never unwind into the loop
             self._log(f"warning: worker {os.getpid()} failed: {type(exc).__name__}: {exc}")
             code = EXIT_TEMP
         finally:
+            pool[slot] = _EMPTY
             os._exit(code)
 
-    def _leave_parent(self) -> None:
+    def _may_retire(self, slot: int) -> bool:
+        """Idle for max_idle: leave, unless that would leave busy workers with no idle one."""
+        pool = self._pool
+        assert pool is not None
+        limit = self.opts.limit
+        others_idle = pool[:limit].count(_IDLE) > 1
+        return others_idle or pool.find(_BUSY_BYTE, 0, limit) < 0
+
+    def _accept_failed(self, exc: OSError) -> None:
+        if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
+            return  # the client gave up before we got to it
+        if self.opts.verbosity >= 1:
+            self._log(f"warning: unable to accept: {_errtext(exc)}")
+        # out of descriptors or memory: the listener stays readable, so do not spin on it
+        time.sleep(_ACCEPT_RETRY)
+
+    def _serve_accepted(
+        self,
+        conn: socket.socket,
+        peer: tuple[object, ...],
+        slot: int,
+        chan: socket.socket,
+        baseline: dict[str, str],
+        number: int,
+    ) -> bool:
+        """Serve one accepted client; False if the per-IP limit turned it away."""
+        pool = self._pool
+        assert pool is not None
+        opts = self.opts
+        try:
+            if opts.per_ip > 0:
+                ip = normalize_ip(str(peer[0]))
+                count = self._admit(slot, ip)
+                if count > opts.per_ip:
+                    if opts.verbosity >= 2:
+                        self._log(f"per-ip limit {ip} {count - 1}/{opts.per_ip}")
+                    self._refuse_over_limit(conn)
+                    return False
+            else:
+                pool[slot] = _BUSY
+            if pool.find(_IDLE_BYTE, 0, opts.limit) < 0:
+                try:
+                    chan.send(b"g")  # we were the last idle worker
+                except OSError:
+                    pass  # the server is gone; the channel's end shows after this client
+            if opts.verbosity >= 2:
+                self._log(f"status: {self._pool_active()}/{opts.limit}")
+            rules = self.rules.current() if self.rules is not None else (None, None)
+            status = self._session(conn, peer, rules)
+        finally:
+            # the handler may have closed the fd already; nothing was opened since
+            fd = conn.detach()
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+            pool[slot] = _IDLE
+            # one client's variables (RELAYCLIENT above all) must not reach the next
+            if opts.set_os_environ:
+                os.environ.clear()
+                os.environ.update(baseline)
+        if opts.verbosity >= 2:
+            self._log(f"end {os.getpid()} status {status} served {number}")
+            self._log(f"status: {self._pool_active()}/{opts.limit}")
+        return True
+
+    def _admit(self, slot: int, ip: str) -> int:
+        """Mark this worker busy with ``ip``; returns how many busy workers serve ``ip`` now.
+
+        Under a lock shared by the workers (a POSIX lock, which a killed worker drops), so
+        two workers taking clients from one address at the same moment both count each
+        other: the limit is never exceeded.  The address is written before the state byte,
+        and a finished worker clears only the state byte, so no reader sees a torn address.
+        """
+        pool = self._pool
+        assert pool is not None
+        limit = self.opts.limit
+        packed = _pack_ip(ip)
+        fcntl.lockf(self._pool_fd, fcntl.LOCK_EX)
+        try:
+            start = limit + slot * _ADDR_SIZE
+            pool[start : start + _ADDR_SIZE] = packed
+            pool[slot] = _BUSY
+            count = 0
+            for other in range(limit):
+                if pool[other] == _BUSY:
+                    at = limit + other * _ADDR_SIZE
+                    if pool[at : at + _ADDR_SIZE] == packed:
+                        count += 1
+            if count > self.opts.per_ip:
+                pool[slot] = _IDLE
+            return count
+        finally:
+            fcntl.lockf(self._pool_fd, fcntl.LOCK_UN)
+
+    def _leave_parent(self, keep_listeners: bool = False) -> None:
         """In a fresh child: drop the parent's signal set-up, wakeup pipe and listeners."""
         if self.opts.child_name:
             set_process_name(self.opts.child_name)
@@ -653,8 +791,9 @@ class TCPServer:
             self._sel.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
-        for s in self.listeners:
-            s.close()
+        if not keep_listeners:
+            for s in self.listeners:
+                s.close()
 
     def _shutdown_children(self) -> None:
         """Wait for children up to stop_grace, then TERM, then KILL the stragglers."""
