@@ -84,6 +84,18 @@ def handler_main(config: dict[str, Any]) -> None:
     if config.get("close_stdin"):
         # as a supervisor may start us: nothing on fd 0
         os.close(0)
+    if config.get("fail_forks"):
+        # the first forks fail, as they do when the system is out of processes
+        real_fork = os.fork
+        failures = [int(config["fail_forks"])]
+
+        def failing_fork() -> int:
+            if failures[0] > 0:
+                failures[0] -= 1
+                raise BlockingIOError(11, "Resource temporarily unavailable")
+            return real_fork()
+
+        os.fork = failing_fork
     addresses = [tuple(a) for a in config["addresses"]]
     sys.exit(
         serve(

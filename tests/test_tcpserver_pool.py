@@ -289,3 +289,25 @@ def test_workers_leave_when_the_server_is_killed(tmp_path: Path) -> None:
         assert busy.readline() == b"bye\n"
         busy.close()
         assert wait_for(lambda: not _alive(busy_pid))
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_a_failed_fork_is_retried_without_spinning(tmp_path: Path) -> None:
+    options = {"max_use": 10, "max_idle": 0.3}
+    with library_server(tmp_path, options=options, fail_forks=2) as srv:
+        before = _cpu_seconds(srv.proc.pid)
+        c = Client("127.0.0.1", srv.port)
+        # the client waits in the listen queue while the parent retries, once a second
+        assert c.greeting(timeout=10)["env"]
+        c.close()
+        assert srv.log_text().count("unable to fork") == 2
+        # the waits were sleeps, not a loop polling the waiting connection; nor does the
+        # parent spin once the pool has retired to nothing
+        assert wait_for(lambda: srv.children() == [], timeout=5)
+        time.sleep(1.0)
+        assert _cpu_seconds(srv.proc.pid) - before < 0.5
+        assert _session(srv.port)["env"]

@@ -130,7 +130,8 @@ class Supervisor:
         # 0 forks a fresh process for every connection, as qmail under tcpserver does.
         # A new worker costs about 3.5 ms of CPU (the fork, then copy-on-write faults as it
         # touches the parent's objects, then its exit) against about 0.6 ms per session, and
-        # tcpserver stalls while it forks: a long life keeps that out of the busy hours
+        # with a fork per connection no client is accepted while tcpserver forks: a long life
+        # keeps that out of the busy hours
         max_use = ctl.integer("smtpdmaxuse", 1000)
         SendControls.load(home)
         # a queue made by an older version lacks newer parts (the spare pools, which

@@ -20,6 +20,11 @@ with ucspi's tcpserver; once that queue is full the kernel drops further SYNs an
 ``per_ip`` caps children per client address: a client over the cap gets ``over_limit_banner``
 (if any) and is closed by the parent without a fork.
 
+With ``max_use`` > 0 (library mode only) connections are served by a pool of long-lived
+workers instead, at most ``limit`` of them, each serving one connection at a time and at most
+``max_use`` in its life; the workers accept for themselves, and the same limits hold (see the
+pool section below).
+
 Differences from ucspi-tcp 0.88 defaults, chosen so that the hot path does no network lookups
 unless asked: remote host names are looked up only with -h (default -H), ident only with -r
 (default -R), and the local name is looked up only with -h when -l is not given.
@@ -97,9 +102,11 @@ class ServerOptions:
     log_name: str = "tcpserver"
     set_os_environ: bool = True  # also export env to os.environ in the child
     # 0: fork a child per connection (ucspi's way).  N > 0: long-lived workers forked from
-    # this process, each serving one connection at a time and at most N in its life
+    # this process, each accepting and serving one connection at a time, at most N in its life
     max_use: int = 0
-    max_idle: float = 100.0  # a worker idle this many seconds exits (pool mode)
+    # a pool worker idle this many seconds exits, unless it is the last idle one while
+    # others are busy
+    max_idle: float = 100.0
     child_name: str = ""  # the process name (ps, top) of a connection's child or worker
     on_ready: Callable[[list[tuple[str, int]]], None] | None = field(default=None, repr=False)
 
@@ -115,7 +122,7 @@ class _Worker:
 
 # a pool worker's state byte in the shared page
 _EMPTY, _IDLE, _BUSY = 0, 1, 2
-_IDLE_BYTE, _BUSY_BYTE = bytes([_IDLE]), bytes([_BUSY])
+_EMPTY_BYTE, _IDLE_BYTE, _BUSY_BYTE = bytes([_EMPTY]), bytes([_IDLE]), bytes([_BUSY])
 _ADDR_SIZE = 16  # a client address in the shared page: IPv6, or IPv4 as IPv4-mapped
 _FORK_RETRY = 1.0  # seconds before the parent tries again after a failed fork
 _ACCEPT_RETRY = 0.1  # seconds a worker pauses after accept fails for lack of resources
@@ -385,13 +392,13 @@ class TCPServer:
         self._sel = selectors.DefaultSelector()
         self._sel.register(self._wake_r, selectors.EVENT_READ)
         pooled = self.opts.max_use > 0
-        if pooled:
-            self._open_pool()
         # objects alive now are shared copy-on-write with every child; keep the collector
         # from touching (and so copying) their pages there
         gc.collect()
         gc.freeze()
         try:
+            if pooled:
+                self._open_pool()
             if self.opts.on_ready is not None:
                 self.opts.on_ready(
                     [
@@ -438,9 +445,11 @@ class TCPServer:
         return 0
 
     def _loop_timeout(self) -> float | None:
-        """Only an empty pool after a failed fork has a reason to wake up by itself."""
-        if self.opts.max_use > 0 and not self.workers and self._fork_retry_at:
-            return max(0.0, self._fork_retry_at - time.monotonic())
+        """Only an empty pool waiting to retry a failed fork has a reason to wake up by itself."""
+        if self.opts.max_use > 0 and not self.workers:
+            wait = self._fork_retry_at - time.monotonic()
+            if wait > 0:
+                return wait
         return None
 
     def _drain_wakeup(self) -> None:
@@ -725,9 +734,11 @@ class TCPServer:
                     return False
             else:
                 pool[slot] = _BUSY
-            if pool.find(_IDLE_BYTE, 0, opts.limit) < 0:
+            # the last idle worker asks for another, unless the pool is already full
+            limit = opts.limit
+            if pool.find(_IDLE_BYTE, 0, limit) < 0 and pool.find(_EMPTY_BYTE, 0, limit) >= 0:
                 try:
-                    chan.send(b"g")  # we were the last idle worker
+                    chan.send(b"g")
                 except OSError:
                     pass  # the server is gone; the channel's end shows after this client
             if opts.verbosity >= 2:
