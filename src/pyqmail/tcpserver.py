@@ -779,12 +779,14 @@ class TCPServer:
             start = limit + slot * _ADDR_SIZE
             pool[start : start + _ADDR_SIZE] = packed
             pool[slot] = _BUSY
+            # only busy slots are looked at: the cost follows the connections, not -c
             count = 0
-            for other in range(limit):
-                if pool[other] == _BUSY:
-                    at = limit + other * _ADDR_SIZE
-                    if pool[at : at + _ADDR_SIZE] == packed:
-                        count += 1
+            other = pool.find(_BUSY_BYTE, 0, limit)
+            while other >= 0:
+                at = limit + other * _ADDR_SIZE
+                if pool[at : at + _ADDR_SIZE] == packed:
+                    count += 1
+                other = pool.find(_BUSY_BYTE, other + 1, limit)
             if count > self.opts.per_ip:
                 pool[slot] = _IDLE
             return count
