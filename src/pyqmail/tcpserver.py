@@ -686,7 +686,9 @@ class TCPServer:
                     idle_until = time.monotonic() + self.opts.max_idle
                     break  # look at the channel before taking another client
         except OSError:
-            code = 0  # the server went away: nothing left to do
+            # the server went away, or our own epoll or channel failed: the parent sees
+            # our channel end and forks a replacement if one is needed
+            code = 0
         except BaseException as exc:  # noqa: BLE001 - a worker must never unwind into the loop
             self._log(f"warning: worker {os.getpid()} failed: {type(exc).__name__}: {exc}")
             code = EXIT_TEMP
