@@ -112,3 +112,49 @@ def test_todo_scan_takes_each_entry_once_until_it_is_let_go(qmail_home: Path) ->
         for r, w in fds:
             os.close(r)
             os.close(w)
+
+
+def test_triggers_close_together_share_one_todo_scan(qmail_home: Path) -> None:
+    from pyqmail.send import TODO_SCAN_GAP, QmailSend
+
+    now = [1000.0]
+    fds = [os.pipe() for _ in range(4)]
+    send = QmailSend(
+        qmail_home,
+        fds[0][1],
+        (fds[1][0], fds[1][1]),
+        (fds[2][0], fds[2][1]),
+        fds[3],
+        clock=lambda: now[0],
+    )
+    send.wake_r = fds[0][0]  # nothing arrives there
+    send.open_trigger()
+    trigger = os.open(qmail_home / "queue" / "lock" / "trigger", os.O_WRONLY | os.O_NONBLOCK)
+
+    def pull_trigger_at(t: float) -> float:
+        now[0] = t
+        send.todo_scan_at = t + 1500  # as after a scan
+        os.write(trigger, b"\0")
+        send.wait(0)
+        return send.todo_scan_at
+
+    try:
+        # after a quiet spell the scan is due at once
+        send.todo_scanned_at = 1000.0
+        assert pull_trigger_at(1000.5) == 1000.5
+        # soon after a scan it waits for the end of the gap, so later triggers join it
+        send.todo_scanned_at = 1000.5
+        assert pull_trigger_at(1000.502) == pytest.approx(1000.5 + TODO_SCAN_GAP)
+        # and the loop wakes up for it then, without qmail's extra second of sleep
+        send.cleanup_at = 5000.0
+        assert send.timeout(1000.502) == pytest.approx(TODO_SCAN_GAP - 0.002)
+        # a clock that stepped back never puts the scan off by more than the gap
+        send.todo_scanned_at = 5000.0
+        assert pull_trigger_at(1001.0) == pytest.approx(1001.0 + TODO_SCAN_GAP)
+    finally:
+        os.close(trigger)
+        for fd in (send.trigger_fd, send.trigger_keep):
+            os.close(fd)
+        for r, w in fds:
+            os.close(r)
+            os.close(w)

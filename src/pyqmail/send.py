@@ -53,6 +53,10 @@ PROVISIONAL_MAX = 30.0
 PROVISIONAL_CHECK = 5.0
 COMMIT_BATCH = 256  # provisional messages committed together, at most
 FRESH_MAX = 4096  # just-preprocessed messages remembered for their first pass
+# a trigger this soon after a scan of todo/ waits for the rest of this gap: under load
+# todo/ holds every message in flight, and one scan then serves the messages of several
+# triggers (and their deliveries start together) instead of one listing per message
+TODO_SCAN_GAP = 0.01
 
 Clock = Callable[[], float]
 
@@ -280,6 +284,7 @@ class QmailSend:
         # todo/ holds every message in flight, and it is scanned at each trigger)
         self.todo_held: set[str] = set()
         self.todo_scan_at = 0.0
+        self.todo_scanned_at = 0.0
         self.cleanup_at = 0.0
         self.done_checks: list[tuple[float, int]] = []
         self.stat_retries: list[tuple[float, int]] = []
@@ -1171,6 +1176,7 @@ class QmailSend:
         if not self.exitasap:
             if now >= self.todo_scan_at:
                 self.scan_todo()
+                self.todo_scanned_at = now
                 self.todo_scan_at = now + SLEEP_TODO
             if self.todo and self.controls_changed():
                 self.reread()
@@ -1261,7 +1267,8 @@ class QmailSend:
         wait = min(candidates) - now
         if wait <= 0:
             return 0.0
-        return min(wait + SLEEP_FUZZ, SLEEP_FOREVER)
+        # a todo scan held back by TODO_SCAN_GAP is due on time, not a second late
+        return min(wait + SLEEP_FUZZ, SLEEP_FOREVER, self.todo_scan_at - now)
 
     def wait(self, timeout: float) -> None:
         self.flush_log()
@@ -1298,7 +1305,11 @@ class QmailSend:
                     pass
             except OSError:
                 pass
-            self.todo_scan_at = 0.0
+            now = self.clock()
+            # at once after a quiet spell, else at the end of the gap (never later, even
+            # if the clock has jumped)
+            due = min(max(now, self.todo_scanned_at + TODO_SCAN_GAP), now + TODO_SCAN_GAP)
+            self.todo_scan_at = min(self.todo_scan_at, due)
 
 
 def start(
