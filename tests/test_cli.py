@@ -117,6 +117,28 @@ def test_run_refuses_bad_virtualdomains_before_starting_anything(qmail_home: Pat
     assert not (qmail_home / "log" / "send" / "current").exists()
 
 
+def _stuck(session: int, home: Path) -> str:
+    """What is left of a `pyqmail run` session that does not stop: its processes and logs."""
+    lines = []
+    for entry in sorted(os.listdir("/proc")):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            wchan = Path(f"/proc/{entry}/wchan").read_text()
+        except OSError:
+            continue
+        name = stat[stat.index("(") + 1 : stat.rindex(")")]
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[3]) == session:
+            lines.append(f"pid {entry} ppid {fields[1]} state {fields[0]} {name} in {wchan}")
+    for log in ("send", "smtpd"):
+        current = home / "log" / log / "current"
+        if current.exists():
+            lines.append(f"log/{log}: {current.read_text(errors='replace')[-2000:]}")
+    return "\n".join(lines)
+
+
 def test_run_on_the_default_home_creates_it(tmp_path: Path) -> None:
     import socket
 
@@ -138,7 +160,12 @@ def test_run_on_the_default_home_creates_it(tmp_path: Path) -> None:
     try:
         wait_for(lambda: (home / "log" / "send" / "current").exists(), what="the default home")
         proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=60)
+        try:
+            out, _ = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired as exc:
+            raise AssertionError(
+                f"pyqmail run did not stop on SIGTERM:\n{_stuck(proc.pid, home)}"
+            ) from exc
     finally:
         if proc.poll() is None:  # never leave a server behind, even when the test fails
             os.killpg(proc.pid, signal.SIGKILL)
