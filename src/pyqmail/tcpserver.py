@@ -737,14 +737,12 @@ class TCPServer:
             else:
                 pool[slot] = _BUSY
             # the last idle worker asks for another, unless the pool is already full
-            limit = opts.limit
-            if pool.find(_IDLE_BYTE, 0, limit) < 0 and pool.find(_EMPTY_BYTE, 0, limit) >= 0:
+            if not self._pool_has_idle() and pool.find(_EMPTY_BYTE, 0, opts.limit) >= 0:
                 try:
                     chan.send(b"g")
                 except OSError:
                     pass  # the server is gone; the channel's end shows after this client
-            if opts.verbosity >= 2:
-                self._log(f"status: {self._pool_active()}/{opts.limit}")
+            self._status()
             rules = self.rules.current() if self.rules is not None else (None, None)
             status = self._session(conn, peer, rules)
         finally:
@@ -761,7 +759,7 @@ class TCPServer:
                 os.environ.update(baseline)
         if opts.verbosity >= 2:
             self._log(f"end {os.getpid()} status {status} served {number}")
-            self._log(f"status: {self._pool_active()}/{opts.limit}")
+        self._status()
         return True
 
     def _admit(self, slot: int, ip: str) -> int:
