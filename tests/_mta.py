@@ -63,13 +63,17 @@ def queue_empty(home: Path) -> bool:
 
 
 def kept_spares(home: Path) -> set[str]:
-    """Paths of finished mess files kept at their names as spares (a `m.N` pool name)."""
+    """Paths of finished mess files kept at their names as spares (a `m.N` pool name),
+    and of the envelope files kept with them (intd/N, no longer in todo/)."""
     pool = home / "queue" / "spare" / "q"
     kept = set()
     for name in os.listdir(pool):
         if name.startswith("m."):
             n = int(name[2:])
             kept.add(str(home / "queue" / "mess" / str(n % 23) / str(n)))
+            envelope = home / "queue" / "intd" / str(n)
+            if not (home / "queue" / "todo" / str(n)).exists():
+                kept.add(str(envelope))
     return kept
 
 
@@ -98,8 +102,10 @@ def assert_spares_sane(home: Path) -> int:
                 n = int(entry.name[2:])
                 assert st.st_nlink == 2 and st.st_ino == n, (entry.path, st)
                 assert os.path.samestat(st, os.stat(q / "mess" / str(n % 23) / str(n)))
-                for user in (q / "todo" / str(n), q / "intd" / str(n), q / "info" / str(n % 23) / str(n)):
+                for user in (q / "todo" / str(n), q / "info" / str(n % 23) / str(n)):
                     assert not user.exists(), (entry.path, user)
+                envelope = q / "intd" / str(n)  # kept with it, never still in todo/
+                assert not envelope.exists() or envelope.stat().st_nlink == 1, entry.path
             else:
                 assert st.st_nlink == 1, (entry.path, st)
             assert st.st_ino not in live, entry.path

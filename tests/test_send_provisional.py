@@ -22,6 +22,13 @@ SLOW = (
 )
 
 
+def _lone_envelopes(home: Path) -> bool:
+    """No envelope in intd/ is still linked into todo/ (qmail-clean keeps the files
+    themselves, for the next message of their number: see pyqmail.spare)."""
+    intd = home / "queue" / "intd"
+    return all(os.stat(intd / name).st_nlink == 1 for name in os.listdir(intd))
+
+
 def _names(home: Path, kind: str) -> list[str]:
     if kind in ("todo", "intd"):
         return os.listdir(home / "queue" / kind)
@@ -93,7 +100,7 @@ def test_a_deferral_commits_the_message_as_qmail_leaves_it(qmail_home: Path) -> 
         wait_for(lambda: "deferral: not_yet/" in mta.log(), what="the deferral")
         wait_for(lambda: _names(qmail_home, "todo") == [], what="the todo entry to go")
         (n,) = _names(qmail_home, "info")
-        assert _names(qmail_home, "local") == [n] and _names(qmail_home, "intd") == []
+        assert _names(qmail_home, "local") == [n] and _lone_envelopes(qmail_home)
         assert maildir_count(bob / "Maildir") == 1
     # the restart finds it as a deferred message, not a new one: only the deferred
     # recipient is tried again
@@ -153,7 +160,7 @@ def test_a_stop_commits_what_is_still_provisional_and_nothing_is_delivered_twice
         go.touch()
         assert mta.stop() == 0
         # committed: no todo entry, info and the local files (with the done mark) remain
-        assert _names(qmail_home, "todo") == [] and _names(qmail_home, "intd") == []
+        assert _names(qmail_home, "todo") == [] and _lone_envelopes(qmail_home)
         assert len(_names(qmail_home, "info")) == 1 + EXTRA
         assert sorted(_names(qmail_home, "local")) == sorted(_names(qmail_home, "info"))
         assert seen.read_bytes().count(b"Subject: stop") == 1

@@ -104,15 +104,18 @@ def test_queue_files_are_recycled_through_a_message_life(qmail_home: Path) -> No
     assert first.ok
     (n,) = [int(name) for name in os.listdir(queue / "todo")]
     intd_ino = (queue / "intd" / str(n)).stat().st_ino
-    # qmail-send has preprocessed it: qmail-clean removes todo and intd ...
+    # qmail-send has preprocessed it: qmail-clean removes todo/n, and the envelope
+    # file stays at intd/n with its one name left ...
     assert clean.handle(queue, f"todo/{n}".encode()) == b"+"
-    assert not (queue / "todo" / str(n)).exists() and not (queue / "intd" / str(n)).exists()
+    assert not (queue / "todo" / str(n)).exists()
+    assert (queue / "intd" / str(n)).stat().st_nlink == 1
     # ... and once delivered, the message itself: it stays at its mess name, marked
-    # as a spare by a second name in the pool
+    # as a spare by a second name in the pool, and its envelope file with it
     mess_path = queue / "mess" / str(n % SPLIT) / str(n)
     assert clean.handle(queue, f"foop/{n}".encode()) == b"+"
     assert mess_path.stat().st_nlink == 2
-    assert sorted(os.listdir(queue / "spare" / "q")) == sorted([f"intd.{n}", f"m.{n}"])
+    assert os.listdir(queue / "spare" / "q") == [f"m.{n}"]
+    assert (queue / "intd" / str(n)).stat().st_ino == intd_ino
     assert os.path.samefile(mess_path, queue / "spare" / "q" / f"m.{n}")
     # asked again (after a restart), qmail-clean finds it a spare already
     assert clean.handle(queue, f"foop/{n}".encode()) == b"+"
@@ -247,7 +250,7 @@ def test_a_claimed_spare_needs_no_fsync_of_its_mess_directory(
     assert not (queue / "spare" / "q" / f"m.{n}").exists()
 
 
-@pytest.mark.parametrize("leftover", ["todo", "intd", "info"])
+@pytest.mark.parametrize("leftover", ["todo", "info"])
 def test_a_kept_spare_whose_number_is_still_in_the_queue_is_never_written_over(
     qmail_home: Path, leftover: str
 ) -> None:
@@ -319,15 +322,76 @@ def test_kept_spares_are_neither_counted_nor_cleaned_up_as_messages(
     monkeypatch.setattr(send, "clean_later", asked.append)
     send.cleanup(time.time())
     assert asked == []
-    # a power cut undid a claim (the pool name is back) and the injection died with
-    # its envelope written: an old stray all the same, and qmail-clean keeps the file
+    # its envelope file is kept with it (or a power cut undid a claim whose injection
+    # died with its envelope written): still a spare, for the next message of its number
     intd = queue / "intd" / str(n)
+    assert intd.exists() and intd.stat().st_nlink == 1
     intd.write_bytes(b"u0\0p1\0Fa@example.test\0")
     send.cleanup(time.time())
-    assert asked == [f"foop/{n}"]
-    assert clean.handle(queue, asked.pop().encode()) == b"+"
-    assert not intd.exists() and mess_path.stat().st_nlink == 2
+    assert asked == []
     # a claimed spare whose injection died (one name left) is an old stray as in qmail
     os.unlink(queue / "spare" / "q" / f"m.{n}")
     send.cleanup(time.time())
     assert asked == [f"foop/{n}"]
+
+
+def _next_message(qmail_home: Path, subject: str, recipient: str) -> int:
+    job = InProcessQueue(qmail_home, "by test")
+    job.write(f"Subject: {subject}\n\nbody\n".encode())
+    result = job.finish("c@example.test", [recipient])
+    assert result.ok, result
+    return result.number
+
+
+def test_a_kept_envelope_file_is_written_over_in_place_and_cut_to_length(
+    qmail_home: Path,
+) -> None:
+    queue = qmail_home / "queue"
+    n = _kept_spare(queue)
+    intd = queue / "intd" / str(n)
+    # a long old envelope, and a spare in the pool that an envelope used to be made of
+    intd.write_bytes(b"u0\0p1\0F" + b"~" * 900 + b"@example.test\0Tb@example.test\0")
+    ino = intd.stat().st_ino
+    other = queue / "spare" / "q" / "intd.9"
+    other.write_bytes(b"another finished envelope")
+    spare._pools.clear()
+    assert _next_message(qmail_home, "two", "d@example.test") == n
+    # the same file under the same name: no rename into intd/, the pool spare unused
+    assert intd.stat().st_ino == ino and intd.stat().st_nlink == 2
+    assert other.read_bytes() == b"another finished envelope"
+    envelope = (queue / "todo" / str(n)).read_bytes()
+    assert envelope.endswith(b"\0Fc@example.test\0Td@example.test\0")
+    assert b"~" not in envelope  # nothing of the old, longer envelope is left
+
+
+def test_an_envelope_file_with_a_second_name_is_never_written_over(qmail_home: Path) -> None:
+    queue = qmail_home / "queue"
+    n = _kept_spare(queue)
+    intd = queue / "intd" / str(n)
+    # linked elsewhere, as a live envelope is linked into todo/: not this message's
+    live = b"u0\0p1\0Fa@example.test\0Tlive@example.test\0"
+    intd.write_bytes(live)
+    os.link(intd, queue / "pid" / "elsewhere")
+    spare._pools.clear()
+    job = InProcessQueue(qmail_home, "by test")
+    job.write(b"Subject: two\n\nbody\n")
+    result = job.finish("c@example.test", ["d@example.test"])
+    assert not result.ok and result.code == 65  # qmail-queue's "trouble making intd"
+    assert (queue / "pid" / "elsewhere").read_bytes() == live
+    assert os.listdir(queue / "todo") == []
+
+
+def test_a_finished_message_not_kept_takes_its_envelope_file_away(qmail_home: Path) -> None:
+    queue = qmail_home / "queue"
+    result = queue_message(
+        qmail_home, b"Subject: one\n\nbody\n", "a@example.test", ["b@example.test"]
+    )
+    assert result.ok
+    (n,) = [int(name) for name in os.listdir(queue / "todo")]
+    assert clean.handle(queue, f"todo/{n}".encode()) == b"+"
+    assert (queue / "intd" / str(n)).exists()
+    (queue / "spare" / "q").rmdir()  # no pool: nothing can be kept
+    spare._pools.clear()
+    assert clean.handle(queue, f"foop/{n}".encode()) == b"+"
+    assert not (queue / "intd" / str(n)).exists()
+    assert not (queue / "mess" / str(n % SPLIT) / str(n)).exists()

@@ -63,16 +63,18 @@ def handle(queue: Path, command: bytes) -> bytes:
     n = int(number)
     spares = spare.pool(queue, "q")
     if prefix == b"foop/":
-        ok = _remove(spares, f"{queue}/intd/{n}", f"intd.{n}")
         mess = f"{queue}/mess/{n % SPLIT}/{n}"
-        # kept at its name, the next message written over it needs no mess/ fsync
-        if not spares.keep_in_place(mess, n):
+        # kept at their names, the next message of this number is written over both
+        # with no new directory entry to make durable (see pyqmail.spare)
+        if spares.keep_in_place(mess, n):
+            ok = True
+        else:
+            ok = _remove(spares, f"{queue}/intd/{n}", f"intd.{n}")
             ok = _remove(spares, mess, f"mess.{n}") and ok
     elif prefix == b"todo/":
-        # todo/n is a second name of intd/n: it goes first, so that emptying intd/n
-        # can never leave a todo entry without its envelope
+        # intd/n, its other name, stays for the next message of this number; without
+        # todo/n nobody reads it
         ok = _unlink(f"{queue}/todo/{n}")
-        ok = ok and _remove(spares, f"{queue}/intd/{n}", f"intd.{n}")
     else:
         return b"x"
     return b"+" if ok else b"!"

@@ -12,6 +12,7 @@ import errno
 import os
 import pwd
 import signal
+import stat
 import sys
 import time
 from collections.abc import Callable
@@ -124,6 +125,31 @@ def check_envelope(data: bytes | bytearray) -> bytes:
             raise QueueExit(QQ_ADDR_TOO_LONG)
         out += data[pos : end + 1]
         pos = end + 1
+
+
+def _open_kept_envelope(intdfn: str) -> int | None:
+    """intd/N kept from the last message of this number, opened to be written over.
+
+    Writing in place adds no directory entry, so the envelope's fsync writes only the
+    file (see pyqmail.spare).  None when there is none.  An intd file with a second
+    name is linked into todo/: a live envelope, never to be touched, which means
+    this number is not ours (QQ_INTD).
+    """
+    try:
+        fd = os.open(intdfn, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError:
+        raise QueueExit(QQ_INTD) from None
+    try:
+        st = os.fstat(fd)
+        usable = stat.S_ISREG(st.st_mode) and st.st_nlink == 1
+    except OSError:
+        usable = False
+    if not usable:
+        os.close(fd)
+        raise QueueExit(QQ_INTD)
+    return fd
 
 
 class Enqueuer:
@@ -249,7 +275,9 @@ class Enqueuer:
             raise QueueExit(QQ_WRITE) from None
         start_writeback(self.fd)
         intdfn = f"{queue}/intd/{n}"
-        taken = spare.pool(queue, "q").take(intdfn)
+        taken = _open_kept_envelope(intdfn)
+        if taken is None:
+            taken = spare.pool(queue, "q").take(intdfn)
         if taken is not None:
             ifd = taken
         else:

@@ -1044,9 +1044,9 @@ class QmailSend:
                     continue
                 if now <= st.st_atime + OSSIFIED:
                     continue
-                if st.st_nlink > 1 and not os.path.exists(f"{self.queue}/intd/{n}"):
-                    # a spare kept at its name (spare.keep_in_place); with an envelope
-                    # it is a crashed injection whose claim a power cut undid
+                if st.st_nlink > 1:
+                    # a spare kept at its name (spare.keep_in_place), perhaps with its
+                    # envelope file: the next message of its number writes over both
                     continue
                 if os.path.exists(self.path("info", n)) or os.path.exists(self.path("todo", n)):
                     continue

@@ -39,10 +39,20 @@ process only) and writes the next message over it under the same mess name.  No
 directory entry in mess/ changes, so the message needs no fsync of its mess/
 directory: the entry has been durable since the file's first message was
 committed (that commit fsync'd the directory).  With 20 SMTP sessions this cut the
-machine's CPU per message by about a tenth.  A claim is refused while the number has a todo,
-intd or info file: after a power cut a finished message's unlinks may come back
-undone, and qmail-send must never deliver one message's envelope with another's
-text.  The 36-hour cleanup passes over mess files with a second name.
+machine's CPU per message by about a tenth.  A claim is refused while the number has a todo
+or info file: after a power cut a finished message's unlinks may come back undone, and
+qmail-send must never deliver one message's envelope with another's text.  The 36-hour
+cleanup passes over mess files with a second name.
+
+The message's envelope file stays too: qmail-clean leaves intd/N in place when it
+removes todo/N, and keeps it with the mess file (removing it only when the mess file
+is not kept), and qmail-queue writes the next envelope of number N over it in place.
+That saves two renames per message (into the pool and out of it), and intd/ no longer
+changes from one message to the next: ext4 without a journal writes a file's
+directory at the file's next fsync once the file has been given a new name (as every
+envelope is, by its todo link), and an unchanged directory costs no disk write there.
+qmail-send reads envelopes only through todo/, so an intd file without a todo link is
+never delivered from, whatever it holds.
 """
 
 from __future__ import annotations
@@ -317,8 +327,12 @@ class SparePool:
 
 
 def _numbered_in_queue(queue: str, n: int) -> bool:
-    """Whether message number n has an envelope or a delivery state in the queue."""
-    for path in (f"{queue}/intd/{n}", f"{queue}/todo/{n}", f"{queue}/info/{n % SPLIT}/{n}"):
+    """Whether message number n has a committed envelope or a delivery state in the queue.
+
+    intd/n alone does not count: it is the kept envelope file of a finished message
+    (or of an injection that died), which qmail-send never reads without todo/n.
+    """
+    for path in (f"{queue}/todo/{n}", f"{queue}/info/{n % SPLIT}/{n}"):
         try:
             os.lstat(path)
         except FileNotFoundError:
