@@ -65,7 +65,7 @@ def handle(queue: Path, command: bytes) -> bytes:
     if prefix == b"foop/":
         mess = f"{queue}/mess/{n % SPLIT}/{n}"
         # kept at their names, the next message of this number is written over both
-        # with no new directory entry to make durable (see pyqmail.spare)
+        # and neither mess/ nor intd/ changes (see pyqmail.spare)
         if spares.keep_in_place(mess, n):
             ok = True
         else:

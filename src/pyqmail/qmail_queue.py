@@ -130,8 +130,8 @@ def check_envelope(data: bytes | bytearray) -> bytes:
 def _open_kept_envelope(intdfn: str) -> int | None:
     """intd/N kept from the last message of this number, opened to be written over.
 
-    Writing in place adds no directory entry, so the envelope's fsync writes only the
-    file (see pyqmail.spare).  None when there is none.  An intd file with a second
+    Written in place, intd/ stays unchanged, so the envelope's fsync has no directory
+    to write (see pyqmail.spare).  None when there is none.  An intd file with a second
     name is linked into todo/: a live envelope, never to be touched, which means
     this number is not ours (QQ_INTD).
     """
