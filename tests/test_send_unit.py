@@ -11,6 +11,7 @@ from pyqmail.control import SendControls
 from pyqmail.send import (
     LOCAL,
     REMOTE,
+    QmailSend,
     bounce_paragraph,
     next_retry,
     rewrite_recipient,
@@ -114,19 +115,26 @@ def test_todo_scan_takes_each_entry_once_until_it_is_let_go(qmail_home: Path) ->
             os.close(w)
 
 
-def test_triggers_close_together_share_one_todo_scan(qmail_home: Path) -> None:
-    from pyqmail.send import TODO_SCAN_GAP, QmailSend
+def _send_on_pipes(home: Path, fds: list[tuple[int, int]], now: list[float]) -> QmailSend:
+    """A QmailSend whose log, spawners and qmail-clean are pipes, on a clock set by now[0]."""
+    from pyqmail.send import QmailSend
 
-    now = [1000.0]
-    fds = [os.pipe() for _ in range(4)]
-    send = QmailSend(
-        qmail_home,
+    return QmailSend(
+        home,
         fds[0][1],
         (fds[1][0], fds[1][1]),
         (fds[2][0], fds[2][1]),
         fds[3],
         clock=lambda: now[0],
     )
+
+
+def test_triggers_close_together_share_one_todo_scan(qmail_home: Path) -> None:
+    from pyqmail.send import TODO_SCAN_GAP
+
+    now = [1000.0]
+    fds = [os.pipe() for _ in range(4)]
+    send = _send_on_pipes(qmail_home, fds, now)
     send.wake_r = fds[0][0]  # nothing arrives there
     send.open_trigger()
     trigger = os.open(qmail_home / "queue" / "lock" / "trigger", os.O_WRONLY | os.O_NONBLOCK)
@@ -155,6 +163,61 @@ def test_triggers_close_together_share_one_todo_scan(qmail_home: Path) -> None:
         os.close(trigger)
         for fd in (send.trigger_fd, send.trigger_keep):
             os.close(fd)
+        for r, w in fds:
+            os.close(r)
+            os.close(w)
+
+
+def test_a_finished_messages_files_are_reused_only_once_their_removal_is_durable(
+    qmail_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pyqmail import send as send_module
+    from pyqmail.constants import SLEEP_SYSFAIL, SPLIT
+    from pyqmail.send import FINISHED_HOLD
+
+    now = [1000.0]
+    fds = [os.pipe() for _ in range(4)]
+    send = _send_on_pipes(qmail_home, fds, now)
+    events: list[str] = []
+    monkeypatch.setattr(send, "clean_later", lambda command: events.append(f"clean {command}"))
+    outcome = [False]
+
+    def recording_sync(target: int | str) -> bool:
+        events.append(f"fsync {target}")
+        return outcome[0]
+
+    monkeypatch.setattr(send_module, "_sync_one", recording_sync)
+    queue = qmail_home / "queue"
+    n = 4711
+    info_dir = queue / "info" / str(n % SPLIT)
+    (info_dir / str(n)).write_bytes(b"Fa@example.test\0")
+    try:
+        assert send.message_done(n)
+        # its info file is in the pool, but neither it nor the mess file may be reused yet
+        assert not (info_dir / str(n)).exists()
+        assert events == []
+        assert send.spares.take(str(queue / "info" / "0" / "99")) is None
+        assert send.release_at == 1000.0 + FINISHED_HOLD
+        send.cleanup_at = send.todo_scan_at = 5000.0
+        assert send.timeout(1000.0) <= FINISHED_HOLD + 1.5  # the loop wakes up for it
+        # the fsync fails: everything stays held and is tried again later
+        now[0] = 1000.0 + FINISHED_HOLD
+        assert not send.release_finished()
+        assert events == [f"fsync {info_dir}"]
+        assert send.release_at == now[0] + SLEEP_SYSFAIL
+        assert send.spares.take(str(queue / "info" / "0" / "99")) is None
+        # once the directory is on disk, foop/N goes to qmail-clean and the spare is free
+        events.clear()
+        outcome[0] = True
+        assert send.release_finished()
+        assert events == [f"fsync {info_dir}", f"clean foop/{n}"]
+        assert send.release_at is None
+        send.spares.empty_until[False] = 0.0  # it looked a moment ago and found none
+        fd = send.spares.take(str(queue / "info" / "0" / "99"))
+        assert fd is not None
+        os.close(fd)
+    finally:
+        send.syncer.shutdown()
         for r, w in fds:
             os.close(r)
             os.close(w)

@@ -395,3 +395,59 @@ def test_a_finished_message_not_kept_takes_its_envelope_file_away(qmail_home: Pa
     assert clean.handle(queue, f"foop/{n}".encode()) == b"+"
     assert not (queue / "intd" / str(n)).exists()
     assert not (queue / "mess" / str(n % SPLIT) / str(n)).exists()
+
+
+def test_qmail_clean_makes_todo_removals_durable_before_a_spare_can_be_claimed(
+    qmail_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    queue = qmail_home / "queue"
+    result = queue_message(
+        qmail_home, b"Subject: one\n\nbody\n", "a@example.test", ["b@example.test"]
+    )
+    assert result.ok
+    (n,) = [int(name) for name in os.listdir(queue / "todo")]
+    events: list[str] = []
+    fail = [True]
+
+    def recording_fsync_dir(path: str) -> None:
+        events.append(f"fsync {os.path.relpath(path, queue)}")
+        if fail[0]:
+            raise OSError(5, "simulated")
+
+    real_link = os.link
+
+    def recording_link(src: str, dst: str, **kw: object) -> None:
+        events.append(f"link {os.path.relpath(dst, queue)}")
+        real_link(src, dst)
+
+    monkeypatch.setattr(clean, "fsync_dir", recording_fsync_dir)
+    monkeypatch.setattr(os, "link", recording_link)
+    assert clean.handle(queue, f"todo/{n}".encode()) == b"+"
+    # the todo/ fsync fails: nothing is made reusable, qmail-send hears of it
+    assert clean.handle(queue, f"foop/{n}".encode()) == b"!"
+    assert events == ["fsync todo"]
+    assert not (queue / "spare" / "q" / f"m.{n}").exists()
+    events.clear()
+    fail[0] = False
+    assert clean.handle(queue, f"foop/{n}".encode()) == b"+"
+    assert events == ["fsync todo", f"link spare/q/m.{n}"]
+    # nothing unlinked in todo/ since: the next one needs no fsync
+    events.clear()
+    assert clean.handle(queue, f"foop/{n}".encode()) == b"+"
+    assert events == [f"link spare/q/m.{n}"]
+
+
+def test_a_pool_held_for_publication_gives_out_nothing_recycled_before_it(
+    tmp_path: Path,
+) -> None:
+    pool = _pool(tmp_path)
+    pool.hold_recycled = True
+    done = tmp_path / "info-1"
+    done.write_bytes(b"finished")
+    assert pool.recycle(str(done), "info.1")
+    assert pool.take(str(tmp_path / "new")) is None
+    pool.publish()
+    pool.empty_until[False] = 0.0
+    fd = pool.take(str(tmp_path / "new"))
+    assert fd is not None
+    os.close(fd)

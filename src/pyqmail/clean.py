@@ -15,6 +15,7 @@ from pathlib import Path
 from . import spare
 from .constants import OSSIFIED, SPLIT
 from .home import HOME_HELP, resolve_home
+from .queue import fsync_dir
 
 
 def _unlink(path: str) -> bool:
@@ -54,6 +55,28 @@ def sweep_pids(queue: Path, now: float | None = None) -> None:
             pass
 
 
+# queues whose todo/ has had an entry unlinked since its last fsync here
+_todo_unsynced: set[str] = set()
+
+
+def _todo_durable(queue: Path) -> bool:
+    """fsync todo/ if this process unlinked something there since it last did.
+
+    A finished message's files are reused only after its todo/N removal is on disk:
+    otherwise a power cut could bring todo/N back, pointing at the envelope file
+    (kept at intd/N, or taken from the pool) a new message has written over.
+    """
+    key = str(queue)
+    if key not in _todo_unsynced:
+        return True
+    try:
+        fsync_dir(f"{queue}/todo")
+    except OSError:
+        return False
+    _todo_unsynced.discard(key)
+    return True
+
+
 def handle(queue: Path, command: bytes) -> bytes:
     if len(command) < 7 or len(command) > 100:
         return b"x"
@@ -63,6 +86,8 @@ def handle(queue: Path, command: bytes) -> bytes:
     n = int(number)
     spares = spare.pool(queue, "q")
     if prefix == b"foop/":
+        if not _todo_durable(queue):
+            return b"!"  # nothing reusable yet; the cleanup pass asks again
         mess = f"{queue}/mess/{n % SPLIT}/{n}"
         # kept at their names, the next message of this number is written over both
         # and neither mess/ nor intd/ changes (see pyqmail.spare)
@@ -75,6 +100,7 @@ def handle(queue: Path, command: bytes) -> bytes:
         # intd/n, its other name, stays for the next message of this number; without
         # todo/n nobody reads it
         ok = _unlink(f"{queue}/todo/{n}")
+        _todo_unsynced.add(str(queue))
     else:
         return b"x"
     return b"+" if ok else b"!"

@@ -57,6 +57,8 @@ FRESH_MAX = 4096  # just-preprocessed messages remembered for their first pass
 # todo/ holds every message in flight, and one scan then serves the messages of several
 # triggers (and their deliveries start together) instead of one listing per message
 TODO_SCAN_GAP = 0.01
+# seconds a finished message's files wait to be reused (see release_finished)
+FINISHED_HOLD = 1.0
 
 Clock = Callable[[], float]
 
@@ -305,6 +307,11 @@ class QmailSend:
         self.finishing: list[int] = []
         self.provisional_check_at = 0.0
         self.spares = spare.pool(self.queue, "s")
+        self.spares.hold_recycled = True
+        # finished messages whose files are not yet reusable (see release_finished)
+        self.removed_from: set[str] = set()
+        self.finished_held: list[int] = []
+        self.release_at: float | None = None
         # fsync waits for the disk, not the CPU, and the disk serves many at once
         self.syncer = ThreadPoolExecutor(max_workers=8, thread_name_prefix="fsync")
 
@@ -902,6 +909,8 @@ class QmailSend:
             kind = CHANNEL_NAMES[ch.index]
             try:
                 self.spares.remove(job.path, f"{kind}.{job.msg}")
+                self.removed_from.add(os.path.dirname(job.path))
+                self.release_soon()
             except FileNotFoundError:
                 pass
             except OSError:
@@ -946,12 +955,43 @@ class QmailSend:
         self.log(f"end msg {n}")
         try:
             self.spares.remove(self.path("info", n), f"info.{n}")
+            self.removed_from.add(os.path.dirname(self.path("info", n)))
         except FileNotFoundError:
             pass
         except OSError:
             self.log(f"warning: unable to unlink {rel('info', n)}; will try again later")
             return False
-        self.clean_later(f"foop/{n}")
+        self.finished_held.append(n)
+        self.release_soon()
+        return True
+
+    def release_soon(self) -> None:
+        if self.release_at is None:
+            self.release_at = self.clock() + FINISHED_HOLD
+
+    def release_finished(self) -> bool:
+        """Make the finished messages' removals durable, then let their files be reused.
+
+        A finished message's info and channel files leave the queue by a rename into
+        the spare pool, and its mess file (with todo/N already gone) by qmail-clean's
+        foop.  Until the directories they left are on disk, a power cut can bring the
+        old names back; had the inodes been written for a new message meanwhile,
+        qmail-send would deliver that new text to the old recipients.  So the pool's
+        new spares stay unused, and foop/N unsent, until those directories are fsync'd:
+        once for every message finished in FINISHED_HOLD seconds.  False if an fsync
+        failed (everything stays held and is tried again later).
+        """
+        dirs = sorted(self.removed_from)
+        if dirs and not all(self.syncer.map(_sync_one, dirs)):
+            self.log("warning: trouble fsyncing queue directories; will try again later")
+            self.release_at = self.clock() + SLEEP_SYSFAIL
+            return False
+        self.removed_from.clear()
+        self.spares.publish()
+        numbers, self.finished_held = self.finished_held, []
+        for n in numbers:
+            self.clean_later(f"foop/{n}")
+        self.release_at = None
         return True
 
     def inject_bounce(self, n: int) -> bool:
@@ -1158,6 +1198,8 @@ class QmailSend:
                 waiting = sorted(self.provisional)
                 for i in range(0, len(waiting), COMMIT_BATCH):
                     self.commit_batch(waiting[i : i + COMMIT_BATCH])
+                if self.finished_held:
+                    self.release_finished()  # a failure leaves them to the cleanup pass
                 break
             busy = self.step(now)
             timeout = 0.0 if busy else self.timeout(now)
@@ -1222,6 +1264,8 @@ class QmailSend:
         if self.finishing:
             self.finish_provisional(now)
             busy = True
+        if self.release_at is not None and now >= self.release_at:
+            self.release_finished()
         if self.to_commit:
             # bounded: the age check may find a whole backlog at once, and qmail-clean's
             # answers must never fill their pipe while we are still writing commands
@@ -1258,6 +1302,8 @@ class QmailSend:
 
     def timeout(self, now: float) -> float:
         candidates = [self.todo_scan_at, self.cleanup_at]
+        if self.release_at is not None:
+            candidates.append(self.release_at)
         for ch in self.channels:
             if ch.concurrency and ch.free_slot() is not None and not self.exitasap:
                 due = ch.next_due()

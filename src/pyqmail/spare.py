@@ -53,6 +53,13 @@ directory at the file's next fsync once the file has been given a new name (as e
 envelope is, by its todo link), and an unchanged directory costs no disk write there.
 qmail-send reads envelopes only through todo/, so an intd file without a todo link is
 never delivered from, whatever it holds.
+
+A file is reused only once its removal from the queue is on disk: otherwise a power
+cut could bring back an old name (todo/N, info/N) pointing at a new message's data.
+qmail-send recycles into spare/s with hold_recycled set and publishes those spares
+only after fsyncing the directories they left (QmailSend.release_finished, which also
+holds back foop/N until then); qmail-clean fsyncs todo/ before a foop makes anything
+claimable (clean._todo_durable).
 """
 
 from __future__ import annotations
@@ -113,6 +120,9 @@ class SparePool:
         self.empty_until = {False: 0.0, True: 0.0}
         self.recycles = 0
         self.full = False
+        # with hold_recycled: names recycled here and not yet published (see publish)
+        self.hold_recycled = False
+        self.held: set[str] = set()
 
     # -- giving back ----------------------------------------------------------------
 
@@ -135,8 +145,19 @@ class SparePool:
                 return not os.path.exists(path)
             except OSError:
                 return False
+            if self.hold_recycled:
+                self.held.add(pool_name)
             return True
         return False
+
+    def publish(self) -> None:
+        """Let this process take the spares it recycled since the last publish.
+
+        For a pool only this process takes from (qmail-send's): it holds each recycled
+        file back until the directory it was removed from has been fsync'd, so that no
+        power cut can bring the old name back pointing at a new message's data.
+        """
+        self.held.clear()
 
     def _has_room(self) -> bool:
         if self.recycles % _RECOUNT_EVERY == 0:
@@ -317,13 +338,18 @@ class SparePool:
             # same names: each starts at its own place
             turn = random.randrange(len(listed)) if listed else 0
             listed = listed[turn:] + listed[:turn]
+            held = self.held
             self.kept = [name for name in listed if name.startswith(IN_PLACE)]
-            self.names = [name for name in listed if not name.startswith(IN_PLACE)]
+            self.names = [n for n in listed if not n.startswith(IN_PLACE) and n not in held]
             names = self.kept if in_place else self.names
             if not names:
                 self.empty_until[in_place] = time.monotonic() + _EMPTY_PAUSE
                 return None
-        return names.pop()
+        while names:
+            name = names.pop()
+            if name not in self.held:  # listed before, recycled again since under its name
+                return name
+        return None
 
 
 def _numbered_in_queue(queue: str, n: int) -> bool:
