@@ -205,11 +205,17 @@ def test_rename_noreplace_refuses_an_existing_name(
         spare.rename_noreplace(str(src), str(tmp_path / "elsewhere"))
 
 
-def _kept_spare(queue: Path, text: bytes = b"an old finished message\n") -> int:
-    """A finished message's mess file, kept at its name as qmail-clean keeps it."""
-    result = queue_message(queue.parent, b"Subject: old\n\n" + text, "a@example.test", ["b@example.test"])
+def _queued_one(queue: Path, text: bytes) -> int:
+    """Queue one message (qmail-queue alone, no qmail-send); returns its number."""
+    result = queue_message(queue.parent, text, "a@example.test", ["b@example.test"])
     assert result.ok
     (n,) = [int(name) for name in os.listdir(queue / "todo")]
+    return n
+
+
+def _kept_spare(queue: Path, text: bytes = b"an old finished message\n") -> int:
+    """A finished message's mess file, kept at its name as qmail-clean keeps it."""
+    n = _queued_one(queue, b"Subject: old\n\n" + text)
     assert clean.handle(queue, f"todo/{n}".encode()) == b"+"
     assert clean.handle(queue, f"foop/{n}".encode()) == b"+"
     assert (queue / "spare" / "q" / f"m.{n}").exists()
@@ -383,11 +389,7 @@ def test_an_envelope_file_with_a_second_name_is_never_written_over(qmail_home: P
 
 def test_a_finished_message_not_kept_takes_its_envelope_file_away(qmail_home: Path) -> None:
     queue = qmail_home / "queue"
-    result = queue_message(
-        qmail_home, b"Subject: one\n\nbody\n", "a@example.test", ["b@example.test"]
-    )
-    assert result.ok
-    (n,) = [int(name) for name in os.listdir(queue / "todo")]
+    n = _queued_one(queue, b"Subject: one\n\nbody\n")
     assert clean.handle(queue, f"todo/{n}".encode()) == b"+"
     assert (queue / "intd" / str(n)).exists()
     (queue / "spare" / "q").rmdir()  # no pool: nothing can be kept
@@ -401,11 +403,7 @@ def test_qmail_clean_makes_todo_removals_durable_before_a_spare_can_be_claimed(
     qmail_home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     queue = qmail_home / "queue"
-    result = queue_message(
-        qmail_home, b"Subject: one\n\nbody\n", "a@example.test", ["b@example.test"]
-    )
-    assert result.ok
-    (n,) = [int(name) for name in os.listdir(queue / "todo")]
+    n = _queued_one(queue, b"Subject: one\n\nbody\n")
     events: list[str] = []
     fail = [True]
 

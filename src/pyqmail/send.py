@@ -953,9 +953,10 @@ class QmailSend:
                 return False
         self.fresh.pop(n, None)
         self.log(f"end msg {n}")
+        info = self.path("info", n)
         try:
-            self.spares.remove(self.path("info", n), f"info.{n}")
-            self.removed_from.add(os.path.dirname(self.path("info", n)))
+            self.spares.remove(info, f"info.{n}")
+            self.removed_from.add(os.path.dirname(info))
         except FileNotFoundError:
             pass
         except OSError:

@@ -345,11 +345,7 @@ class SparePool:
             if not names:
                 self.empty_until[in_place] = time.monotonic() + _EMPTY_PAUSE
                 return None
-        while names:
-            name = names.pop()
-            if name not in self.held:  # listed before, recycled again since under its name
-                return name
-        return None
+        return names.pop()
 
 
 def _numbered_in_queue(queue: str, n: int) -> bool:
