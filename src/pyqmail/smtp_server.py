@@ -87,6 +87,10 @@ class Reply:
     code: int
     lines: tuple[str, ...]
     status: str | None = None
+    # render()'s bytes per mode: the common replies are constants, made once per process
+    _rendered: dict[bool, bytes] = field(
+        default_factory=dict, init=False, repr=False, compare=False, hash=False
+    )
 
     @classmethod
     def of(cls, code: int, text: str, status: str | None = None) -> Reply:
@@ -111,6 +115,12 @@ class Reply:
         return f"{self.code // 100}.0.0"
 
     def render(self, enhanced: bool) -> bytes:
+        out = self._rendered.get(enhanced)
+        if out is None:
+            out = self._rendered[enhanced] = self._render(enhanced)
+        return out
+
+    def _render(self, enhanced: bool) -> bytes:
         status = self.enhanced_status() if enhanced else ""
         out = []
         last = len(self.lines) - 1
@@ -321,6 +331,10 @@ def parse_path(arg: bytes) -> tuple[bytes, bytes]:
         c = s.find(b":")
         if c >= 0:
             s = s[c + 1 :]
+    if b"\\" not in s and b'"' not in s:
+        # nothing escaped or quoted (nearly every address): the address ends at the first stop
+        end = s.find(stop)
+        return (s, b"") if end < 0 else (s[:end], s[end + 1 :])
     out = bytearray()
     quoted = False
     i = 0
@@ -868,7 +882,7 @@ class SMTPServer:
         dot = buf.find(b"\n.", i, stop)
         if dot >= 0:
             stop = dot + 1
-        block = bytes(buf[i:stop])
+        block = buf[i:stop]  # one copy; the checks below read it and it is stored once
         crlf = block.count(b"\r\n")
         quick = block.count(b"\r") == crlf and block.count(b"\n") == crlf
         quick = quick and b"\n." not in block

@@ -546,6 +546,19 @@ class Session:
             pass
 
     def write(self, data: bytes) -> None:
+        if self.socket_timeouts:
+            # the usual case: the reply fits the socket buffer and leaves in one call
+            try:
+                sent = os.write(self.wfd, data)
+            except BlockingIOError:
+                raise _Gone("write timeout") from None  # SO_SNDTIMEO ran out
+            except InterruptedError:
+                sent = 0
+            except OSError as e:
+                raise _Gone(f"write error: {e.strerror}") from None
+            if sent == len(data):
+                return
+            data = data[sent:]
         view = memoryview(data)
         while view:
             if not self.socket_timeouts and not self._poll(self.wfd, select.POLLOUT):
