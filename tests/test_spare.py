@@ -11,6 +11,7 @@ import pytest
 from pyqmail import clean, spare
 from pyqmail.constants import SPLIT
 from pyqmail.qq import InProcessQueue, queue_message
+from pyqmail.send import QmailSend
 
 
 def _pool(tmp_path: Path) -> spare.SparePool:
@@ -310,15 +311,12 @@ def test_a_kept_spare_whose_mess_name_is_gone_is_dropped(qmail_home: Path) -> No
     assert not (queue / "spare" / "q" / f"m.{n}").exists()
 
 
-def test_kept_spares_are_neither_counted_nor_cleaned_up_as_messages(
-    qmail_home: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from pyqmail import qstat
-    from pyqmail.send import QmailSend
-
-    queue = qmail_home / "queue"
-    n = _kept_spare(queue)
-    assert qstat.counts(qmail_home) == (0, 0)
+def _aged_cleanup(
+    queue: Path, n: int, monkeypatch: pytest.MonkeyPatch
+) -> tuple[QmailSend, list[str]]:
+    """Make mess file n 40 hours old and run qmail-send's cleanup pass over the queue;
+    returns that qmail-send and the qmail-clean commands it asked for (a list that
+    later calls of its cleanup() add to)."""
     mess_path = queue / "mess" / str(n % SPLIT) / str(n)
     long_ago = time.time() - 40 * 3600
     os.utime(mess_path, (long_ago, long_ago))
@@ -327,6 +325,18 @@ def test_kept_spares_are_neither_counted_nor_cleaned_up_as_messages(
     send.queue = queue
     monkeypatch.setattr(send, "clean_later", asked.append)
     send.cleanup(time.time())
+    return send, asked
+
+
+def test_kept_spares_are_neither_counted_nor_cleaned_up_as_messages(
+    qmail_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pyqmail import qstat
+
+    queue = qmail_home / "queue"
+    n = _kept_spare(queue)
+    assert qstat.counts(qmail_home) == (0, 0)
+    send, asked = _aged_cleanup(queue, n, monkeypatch)
     assert asked == []
     # its envelope file is kept with it (or a power cut undid a claim whose injection
     # died with its envelope written): still a spare, for the next message of its number
@@ -338,6 +348,20 @@ def test_kept_spares_are_neither_counted_nor_cleaned_up_as_messages(
     # a claimed spare whose injection died (one name left) is an old stray as in qmail
     os.unlink(queue / "spare" / "q" / f"m.{n}")
     send.cleanup(time.time())
+    assert asked == [f"foop/{n}"]
+
+
+def test_an_old_stray_with_a_leftover_pid_name_is_cleaned_up(
+    qmail_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a qmail-queue killed between linking its pid/ file to mess/N and unlinking it leaves
+    # a message file with two names and no spare marker: a stray, not a kept spare
+    queue = qmail_home / "queue"
+    pidfn = queue / "pid" / "4242.1.1"
+    pidfn.write_bytes(b"Received: (qmail 4242 invoked by uid 0); killed half way\n")
+    n = pidfn.stat().st_ino
+    os.link(pidfn, queue / "mess" / str(n % SPLIT) / str(n))
+    _, asked = _aged_cleanup(queue, n, monkeypatch)
     assert asked == [f"foop/{n}"]
 
 
