@@ -351,18 +351,50 @@ def test_kept_spares_are_neither_counted_nor_cleaned_up_as_messages(
     assert asked == [f"foop/{n}"]
 
 
-def test_an_old_stray_with_a_leftover_pid_name_is_cleaned_up(
-    qmail_home: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # a qmail-queue killed between linking its pid/ file to mess/N and unlinking it leaves
-    # a message file with two names and no spare marker: a stray, not a kept spare
-    queue = qmail_home / "queue"
+def _killed_injection_stray(queue: Path) -> tuple[Path, Path, int]:
+    """What a qmail-queue killed between linking its pid/ file to mess/N and unlinking it
+    leaves: a message file with two names and no spare marker.  (pid name, mess, N)"""
     pidfn = queue / "pid" / "4242.1.1"
     pidfn.write_bytes(b"Received: (qmail 4242 invoked by uid 0); killed half way\n")
     n = pidfn.stat().st_ino
-    os.link(pidfn, queue / "mess" / str(n % SPLIT) / str(n))
+    mess_path = queue / "mess" / str(n % SPLIT) / str(n)
+    os.link(pidfn, mess_path)
+    return pidfn, mess_path, n
+
+
+def test_an_old_stray_with_a_leftover_pid_name_is_cleaned_up(
+    qmail_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a stray, not a kept spare
+    queue = qmail_home / "queue"
+    pidfn, mess_path, n = _killed_injection_stray(queue)
     _, asked = _aged_cleanup(queue, n, monkeypatch)
     assert asked == [f"foop/{n}"]
+    # qmail-clean keeps it at its name, but it is not reused while the pid/ name is there
+    assert clean.handle(queue, f"foop/{n}".encode()) == b"+"
+    pool = spare.SparePool(str(queue / "spare" / "q"))
+    assert pool.take_in_place(str(queue)) is None
+    assert mess_path.stat().st_nlink == 3
+    # the pid/ sweep takes the stale name, and the file is an ordinary kept spare again
+    clean.sweep_pids(queue, now=time.time() + 40 * 3600)
+    assert not pidfn.exists()
+    taken = pool.take_in_place(str(queue))
+    assert taken is not None and taken[1] == str(mess_path)
+    os.close(taken[0])
+
+
+def test_a_stray_with_a_pid_name_never_becomes_a_pooled_spare(
+    qmail_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    queue = qmail_home / "queue"
+    pidfn, mess_path, n = _killed_injection_stray(queue)
+    # qmail-clean cannot keep it at its name: it is removed, not moved into the pool
+    monkeypatch.setattr(spare.SparePool, "keep_in_place", lambda self, path, n: False)
+    assert clean.handle(queue, f"foop/{n}".encode()) == b"+"
+    assert not mess_path.exists()
+    pooled = [e for e in os.scandir(queue / "spare" / "q") if e.inode() == n]
+    assert pooled == []
+    assert pidfn.stat().st_nlink == 1  # the sweep frees the inode in its time
 
 
 def _next_message(qmail_home: Path, subject: str, recipient: str) -> int:

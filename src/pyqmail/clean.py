@@ -39,6 +39,13 @@ def _remove(spares: spare.SparePool, path: str, name: str) -> bool:
     return True
 
 
+def _has_other_names(path: str) -> bool:
+    try:
+        return os.lstat(path).st_nlink > 1
+    except OSError:
+        return False
+
+
 def sweep_pids(queue: Path, now: float | None = None) -> None:
     """Remove pid/ files left by qmail-queue processes that died 36 hours ago."""
     now = time.time() if now is None else now
@@ -95,7 +102,12 @@ def handle(queue: Path, command: bytes) -> bytes:
             ok = True
         else:
             ok = _remove(spares, f"{queue}/intd/{n}", f"intd.{n}")
-            ok = _remove(spares, mess, f"mess.{n}") and ok
+            if _has_other_names(mess):
+                # a killed qmail-queue's pid/ file: a spare must have one name, and reuse
+                # would keep that pid/ name young for sweep_pids forever
+                ok = _unlink(mess) and ok
+            else:
+                ok = _remove(spares, mess, f"mess.{n}") and ok
     elif prefix == b"todo/":
         # intd/n, its other name, stays for the next message of this number; without
         # todo/n nobody reads it
