@@ -1085,28 +1085,15 @@ class QmailSend:
                     continue
                 if now <= st.st_atime + OSSIFIED:
                     continue
-                if st.st_nlink > 1 and self._kept_in_place(n, st):
+                if st.st_nlink > 1 and spare.pool(self.queue, "q").is_kept_in_place(n, st):
                     # a spare kept at its name (spare.keep_in_place), perhaps with its
-                    # envelope file: the next message of its number writes over both
+                    # envelope file: the next message of its number writes over both.  A
+                    # stray with a killed qmail-queue's pid/ name is not one; qmail-clean
+                    # sweeps that name on its own, and take_in_place wants exactly two names
                     continue
                 if os.path.exists(self.path("info", n)) or os.path.exists(self.path("todo", n)):
                     continue
                 self.clean_later(f"foop/{n}")
-
-    def _kept_in_place(self, n: int, st: os.stat_result) -> bool:
-        """Whether mess file n (stat st) is a spare kept at its name.
-
-        Only its pool marker makes it one.  Another second name is the pid/ file of a
-        qmail-queue killed between its link and its unlink: that message is a stray like
-        any other.  qmail-clean sweeps the pid/ name on its own; should the stray be kept
-        at its name meanwhile, it is not reused before then (take_in_place wants exactly
-        two names).
-        """
-        try:
-            marker = os.stat(f"{self.queue}/spare/q/{spare.IN_PLACE}{n}")
-        except OSError:
-            return False
-        return os.path.samestat(st, marker)
 
     # -- signals --------------------------------------------------------------------
 

@@ -168,6 +168,20 @@ class SparePool:
         self.recycles += 1
         return not self.full
 
+    def _marker(self, n: int) -> str:
+        return f"{self.dir}/{IN_PLACE}{n}"
+
+    def is_kept_in_place(self, n: int, st: os.stat_result) -> bool:
+        """Whether the mess file of number n (whose stat is st) is a spare kept at its name.
+
+        Only this pool's marker makes it one: another second name (a pid/ file left by a
+        qmail-queue killed between its link and its unlink) does not.
+        """
+        try:
+            return os.path.samestat(st, os.stat(self._marker(n)))
+        except OSError:
+            return False
+
     def keep_in_place(self, path: str, n: int) -> bool:
         """Keep the finished mess file at path (mess/N/n) where it is, as a spare.
 
@@ -176,7 +190,7 @@ class SparePool:
         """
         if not self._has_room():
             return False
-        marker = f"{self.dir}/{IN_PLACE}{n}"
+        marker = self._marker(n)
         try:
             os.link(path, marker)
         except FileExistsError:
