@@ -258,9 +258,14 @@ def test_smtpdmaxuse_zero_forks_per_connection(qmail_home: Path) -> None:
         wait_for(lambda: maildir_count(bob / "Maildir") == 3, what="deliveries")
 
 
-def test_bad_smtpdmaxuse_stops_the_start_with_a_clear_error(qmail_home: Path) -> None:
+@pytest.mark.parametrize(
+    ("control", "value"), [("smtpdmaxuse", "many"), ("smtpdquickworkers", "-3")]
+)
+def test_bad_pool_control_stops_the_start_with_a_clear_error(
+    qmail_home: Path, control: str, value: str
+) -> None:
     (qmail_home / "control" / "smtplisten").write_text(f"127.0.0.1:{free_port()}\n")
-    (qmail_home / "control" / "smtpdmaxuse").write_text("many\n")
+    (qmail_home / "control" / control).write_text(f"{value}\n")
     r = subprocess.run(
         [bin_path("pyqmail"), "run", "--home", str(qmail_home)],
         capture_output=True,
@@ -268,7 +273,29 @@ def test_bad_smtpdmaxuse_stops_the_start_with_a_clear_error(qmail_home: Path) ->
         timeout=30,
     )
     assert r.returncode == 111
-    assert "control/smtpdmaxuse line 1: not a number: 'many'" in r.stderr
+    assert f"control/{control} line 1: not a number: '{value}'" in r.stderr
+
+
+def test_one_quick_worker_still_serves_a_client_next_to_a_silent_one(qmail_home: Path) -> None:
+    # smtpdquickworkers 1: one worker serves quick clients; a client that stays silent holds
+    # its worker, and the next client gets a new one once that session is no longer young
+    (qmail_home / "control" / "smtpdquickworkers").write_text("1\n")
+    bob = add_user(qmail_home, "bob@example.test")
+    with MTA(qmail_home) as mta:
+        silent = socket.create_connection(("127.0.0.1", mta.smtp_port), timeout=10)
+        try:
+            assert silent.recv(512).startswith(b"220 ")
+            start = time.monotonic()
+            with smtplib.SMTP("127.0.0.1", mta.smtp_port, timeout=30) as s:
+                s.mail("joe@far.test")
+                s.rcpt("bob@example.test")
+                served_by = _smtpd_pid(s)
+            assert time.monotonic() - start < 10
+        finally:
+            silent.close()
+        wait_for(lambda: maildir_count(bob / "Maildir") == 1, what="delivery")
+        assert mta.proc is not None
+        assert served_by in _descendants(mta.proc.pid)
 
 
 def _descendants(pid: int) -> list[int]:

@@ -315,3 +315,59 @@ def test_a_failed_fork_is_retried_without_spinning(tmp_path: Path) -> None:
         time.sleep(1.0)
         assert _cpu_seconds(srv.proc.pid) - before < 0.5
         assert _session(srv.port)["env"]
+
+
+def test_quick_clients_share_a_few_workers(tmp_path: Path) -> None:
+    # quick_workers 2: while two workers are busy with young sessions, clients wait for them
+    # in the listen queue rather than each getting a process of its own
+    options = {"max_use": 1000, "backlog": 64, "quick_workers": 2, "slow_session": 3.0}
+    with library_server(tmp_path, limit=20, options=options) as srv:
+        clients = [Client("127.0.0.1", srv.port, timeout=20) for _ in range(12)]
+        for c in clients:
+            c.send(b"sleep 0.05\nquit\n")
+        pids = set()
+        for c in clients:
+            pids.add(c.greeting()["pid"])
+            assert c.readline() == b"echo sleep 0.05\n"
+            assert c.readline() == b"bye\n"
+            c.close()
+        assert 1 <= len(pids) <= 2
+        assert len(srv.children()) <= 2
+
+
+def test_slow_clients_still_get_a_worker_each(tmp_path: Path) -> None:
+    # a worker whose client has said nothing for slow_session no longer counts as quick:
+    # clients that hold their sessions open all get a worker of their own, up to the limit
+    options = {"max_use": 1000, "backlog": 64, "quick_workers": 2, "slow_session": 0.2}
+    with library_server(tmp_path, limit=8, options=options) as srv:
+        start = time.monotonic()
+        clients = [Client("127.0.0.1", srv.port, timeout=10) for _ in range(7)]
+        pids = {c.greeting()["pid"] for c in clients}
+        assert len(pids) == 7
+        # several waits of about slow_session, not of a session timeout
+        assert time.monotonic() - start < 5
+        assert len(srv.children()) >= 7
+        # once they leave, a quick client is served by one of those workers, at once
+        for c in clients:
+            c.send(b"quit\n")
+            assert c.readline() == b"bye\n"
+            c.close()
+        assert _session(srv.port)["pid"] in pids
+
+
+def test_a_saturated_pool_still_grows_after_a_quiet_spell(tmp_path: Path) -> None:
+    # the parent stops watching once a worker is idle; the next time every worker is held,
+    # a waiting client must still get a new one
+    options = {"max_use": 1000, "backlog": 64, "quick_workers": 1, "slow_session": 0.2}
+    with library_server(tmp_path, limit=4, options=options) as srv:
+        for _ in range(3):
+            assert _session(srv.port)["pid"]
+        time.sleep(1.5)  # past the parent's last look at an idle pool
+        held = Client("127.0.0.1", srv.port, timeout=10)
+        first = held.greeting()["pid"]
+        other = Client("127.0.0.1", srv.port, timeout=10)
+        assert other.greeting()["pid"] != first
+        for c in (held, other):
+            c.send(b"quit\n")
+            assert c.readline() == b"bye\n"
+            c.close()

@@ -104,6 +104,15 @@ def listen_addresses(ctl: Control, name: str, default: list[str]) -> list[tuple[
     return result
 
 
+def default_quick_workers() -> int:
+    """Four per CPU this process may run on: enough to keep them busy with quick clients."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return 4 * max(cpus, 1)
+
+
 def default_smtp() -> list[str]:
     return ["0.0.0.0:25", "[::]:25"] if os.geteuid() == 0 else ["127.0.0.1:2525"]
 
@@ -133,6 +142,9 @@ class Supervisor:
         # with a fork per connection no client is accepted while tcpserver forks: a long life
         # keeps that out of the busy hours
         max_use = ctl.integer("smtpdmaxuse", 1000)
+        # workers that may serve quick clients at once before more are forked (see
+        # pyqmail.tcpserver's pool); 0 forks one whenever none is idle
+        quick = ctl.integer("smtpdquickworkers", default_quick_workers())
         SendControls.load(home)
         # a queue made by an older version lacks newer parts (the spare pools, which
         # are optional: without them queue files are simply created and unlinked)
@@ -205,6 +217,7 @@ class Supervisor:
                 over_limit_banner=b"421 too many connections from your address (#4.3.2)\r\n",
                 nodelay=True,
                 max_use=max_use,
+                quick_workers=quick,
                 # qmail-smtpd takes the connection's variables from its env argument,
                 # so a pool worker has no os.environ to reset between connections
                 set_os_environ=False,

@@ -68,6 +68,11 @@ PYQMAIL_CONTROLS: tuple[ControlDoc, ...] = (
     ControlDoc(
         "smtpdmaxuse", "int", "Connections one qmail-smtpd process serves (0 = a fork each): "
     ),
+    ControlDoc(
+        "smtpdquickworkers",
+        "int",
+        "qmail-smtpd workers serving quick clients before more are forked (0 = no such limit): ",
+    ),
     ControlDoc("tcp.smtp", "list", "SMTP client rule: "),
     ControlDoc(
         "tcp.smtp.cdb", "file", "Compiled tcprules for the SMTP listener.", source="tcp.smtp"
