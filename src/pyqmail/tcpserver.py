@@ -583,8 +583,8 @@ class TCPServer:
     # or busy with a session younger than slow_session.  Clients that talk fast (a local
     # submitter, a relay next door, a benchmark) then queue briefly for a few busy processes
     # instead of each getting one of many that compete for the same CPUs: measured here with
-    # 20 clients on 2 cores, 8 workers spent a sixth to a quarter less CPU per session than
-    # 21, and left the deliveries enough CPU to keep up.  A worker held by a slow client (any client
+    # 20 clients on 2 cores, 8 workers spent about a fifth less CPU per session than 21, and
+    # left the deliveries enough CPU to keep up.  A worker held by a slow client (any client
     # across the Internet) stops counting after slow_session, so such clients still get a
     # worker each, up to the limit, within about that time; a connection waits at most about
     # 1.5 * slow_session for a worker to be forked.  The parent looks at the pool every
