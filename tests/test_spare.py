@@ -28,8 +28,10 @@ def test_a_recycled_file_is_taken_back_under_a_new_name_and_overwritten(tmp_path
     os.utime(old, (past, past))
     assert pool.recycle(str(old), "info.1")
     assert not old.exists()
+    (kept,) = os.listdir(tmp_path / "pool")
+    assert kept.startswith("info.1.")
     # kept whole: freeing its blocks is what recycling avoids
-    assert (tmp_path / "pool" / "info.1").stat().st_size > 0
+    assert (tmp_path / "pool" / kept).stat().st_size > 0
 
     fresh = tmp_path / "info-2"
     fd = pool.take(str(fresh))
@@ -185,6 +187,25 @@ def test_recycling_under_a_name_already_in_the_pool_keeps_both(tmp_path: Path) -
     assert waiting.read_bytes() == b"waiting spare"
     contents = sorted((tmp_path / "pool" / n).read_bytes() for n in os.listdir(tmp_path / "pool"))
     assert contents == [b"finished again", b"waiting spare"]
+
+
+def test_a_recycle_never_replaces_a_spare_and_leaves_the_file_to_the_caller(
+    tmp_path: Path,
+) -> None:
+    pool = _pool(tmp_path)
+    pool._nonce = "abc123"
+    pool.recycles = 1  # past the first recycle's count of the pool; this one is number 2
+    taken = tmp_path / "pool" / f"info.3.{os.getpid()}.abc123.2"
+    taken.write_bytes(b"a spare left by an earlier process with our pid")
+    finished = tmp_path / "info-3"
+    finished.write_bytes(b"finished")
+    assert not pool.recycle(str(finished), "info.3")
+    assert finished.read_bytes() == b"finished"
+    assert taken.read_bytes() == b"a spare left by an earlier process with our pid"
+    # the next count is free again
+    assert pool.recycle(str(finished), "info.3")
+    assert not finished.exists()
+    assert len(os.listdir(tmp_path / "pool")) == 2
 
 
 @pytest.mark.parametrize("with_renameat2", [True, False])

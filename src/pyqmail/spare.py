@@ -119,6 +119,7 @@ class SparePool:
         # per list: when an empty listing may be made again
         self.empty_until = {False: 0.0, True: 0.0}
         self.recycles = 0
+        self._nonce = f"{random.getrandbits(24):06x}"  # against a pid an earlier process had
         self.full = False
         # with hold_recycled: names recycled here and not yet published (see publish)
         self.hold_recycled = False
@@ -127,28 +128,26 @@ class SparePool:
     # -- giving back ----------------------------------------------------------------
 
     def recycle(self, path: str, name: str) -> bool:
-        """Keep the finished file at path as a spare called name.
+        """Keep the finished file at path as a spare, under name plus a unique suffix.
 
         Returns True if the file is gone from path (recycled or already absent),
         False if the caller should unlink it as before.
         """
         if not self._has_room():
             return False
-        # a spare under this name is still waiting (the message number came back):
-        # a second, unique name keeps both rather than freeing the waiting one
-        for pool_name in (name, f"{name}.{os.getpid()}.{self.recycles}"):
-            try:
-                rename_noreplace(path, f"{self.dir}/{pool_name}")
-            except FileExistsError:
-                continue
-            except FileNotFoundError:
-                return not os.path.exists(path)
-            except OSError:
-                return False
-            if self.hold_recycled:
-                self.held.add(pool_name)
-            return True
-        return False
+        # message numbers come back soon (mess files are reused at their names), so a
+        # spare recycled earlier as plain `name` could still be waiting: pid, nonce and
+        # count make this name one no other spare has
+        pool_name = f"{name}.{os.getpid()}.{self._nonce}.{self.recycles}"
+        try:
+            rename_noreplace(path, f"{self.dir}/{pool_name}")
+        except FileNotFoundError:
+            return not os.path.exists(path)
+        except OSError:  # FileExistsError too: a spare is never replaced
+            return False
+        if self.hold_recycled:
+            self.held.add(pool_name)
+        return True
 
     def publish(self) -> None:
         """Let this process take the spares it recycled since the last publish.
