@@ -277,18 +277,37 @@ _tmpfile_ok = True
 _LINK_ATTEMPTS = 3
 
 
+# this process's pid and host name for maildir file names, looked up once per process:
+# a delivery worker makes many names, and a name only needs to be unique
+_maildir_pid = ""
+_maildir_hostname = ""
+
+
+def _forget_maildir_ids() -> None:
+    global _maildir_pid, _maildir_hostname
+    _maildir_pid = _maildir_hostname = ""
+
+
+os.register_at_fork(after_in_child=_forget_maildir_ids)
+
+
 def _maildir_host() -> str:
-    host = socket.gethostname()[:64] or "localhost"
-    # `/` and `:` would break the file name or the maildir info separator
-    return host.replace("/", "\\057").replace(":", "\\072")
+    global _maildir_hostname
+    if not _maildir_hostname:
+        host = socket.gethostname()[:64] or "localhost"
+        # `/` and `:` would break the file name or the maildir info separator
+        _maildir_hostname = host.replace("/", "\\057").replace(":", "\\072")
+    return _maildir_hostname
 
 
 def _maildir_name() -> str:
-    global _maildir_seq
+    global _maildir_seq, _maildir_pid
     _maildir_seq += 1
+    if not _maildir_pid:
+        _maildir_pid = str(os.getpid())
     # qmail forks one child per maildir line, so its pid is unique per delivery;
     # here one process may deliver several times in a second
-    pid = str(os.getpid())
+    pid = _maildir_pid
     if _maildir_seq > 1:
         pid += f"_{_maildir_seq}"
     return f"{int(time.time())}.{pid}.{_maildir_host()}"
@@ -729,7 +748,8 @@ def _run_line(st: _State, line: bytes, first: bool, forward_only: bool) -> bool:
 
 def _run(st: _State) -> None:
     os.umask(0o077)
-    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    if signal.getsignal(signal.SIGPIPE) != signal.SIG_IGN:  # a reused worker has it already
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     if not st.homedir.startswith("/"):
         raise Die(EXIT_PERM, USAGE)
     try:
@@ -793,7 +813,7 @@ def qmail_local(
     uses it when the queue is writable only by the root process it came from).
     """
     st = _State(
-        home=Path(home),
+        home=home if isinstance(home, Path) else Path(home),
         user=user,
         homedir=homedir,
         local=local,

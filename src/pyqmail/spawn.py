@@ -374,7 +374,8 @@ class Spawner:
                     os.environ.clear()
                     os.environ.update(baseline)
                 for sig, handler in dispositions.items():
-                    signal.signal(sig, handler)
+                    if signal.getsignal(sig) != handler:
+                        signal.signal(sig, handler)
                 signal.alarm(0)
                 chan.send(b"%d%s" % (status, b"x" if used == self.max_use else b""))
         except OSError:

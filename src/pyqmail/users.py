@@ -306,7 +306,8 @@ def alias_assignment(home: Path | None, local: str, as_root: bool) -> Assignment
             return Assignment(pw.pw_name, pw.pw_uid, pw.pw_gid, pw.pw_dir, "-", local)
     if home is None:
         raise LookupFailure(QLX_NOALIAS)
-    alias = Path(home) / "alias"
+    # a plain string: this runs for every delivery to the alias user
+    alias = os.path.join(home, "alias")
     try:
         st = os.stat(alias)
     except OSError as e:
@@ -317,7 +318,7 @@ def alias_assignment(home: Path | None, local: str, as_root: bool) -> Assignment
         uid, gid = st.st_uid, st.st_gid
     else:
         uid, gid = os.getuid(), os.getgid()
-    return Assignment("alias", uid, gid, str(alias), "-", local)
+    return Assignment("alias", uid, gid, alias, "-", local)
 
 
 def getpw(local: str, home: Path | None = None) -> Assignment:
