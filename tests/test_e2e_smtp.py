@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import mailbox
+import os
 import shutil
 import smtplib
 import socket
@@ -259,7 +260,8 @@ def test_smtpdmaxuse_zero_forks_per_connection(qmail_home: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("control", "value"), [("smtpdmaxuse", "many"), ("smtpdquickworkers", "-3")]
+    ("control", "value"),
+    [("smtpdmaxuse", "many"), ("smtpdquickworkers", "-3"), ("schedbatch", "yes")],
 )
 def test_bad_pool_control_stops_the_start_with_a_clear_error(
     qmail_home: Path, control: str, value: str
@@ -296,6 +298,30 @@ def test_one_quick_worker_still_serves_a_client_next_to_a_silent_one(qmail_home:
         wait_for(lambda: maildir_count(bob / "Maildir") == 1, what="delivery")
         assert mta.proc is not None
         assert served_by in _descendants(mta.proc.pid)
+
+
+@pytest.mark.parametrize(("setting", "policy"), [(None, "SCHED_BATCH"), ("0", "SCHED_OTHER")])
+def test_every_process_runs_under_the_batch_policy_unless_turned_off(
+    qmail_home: Path, setting: str | None, policy: str
+) -> None:
+    if os.sched_getscheduler(0) != os.SCHED_OTHER:
+        pytest.skip("these tests already run under another scheduling policy")
+    if setting is not None:
+        (qmail_home / "control" / "schedbatch").write_text(f"{setting}\n")
+    bob = add_user(qmail_home, "bob@example.test")
+    with MTA(qmail_home) as mta:
+        with smtplib.SMTP("127.0.0.1", mta.smtp_port, timeout=30) as s:
+            s.mail("joe@far.test")
+            s.rcpt("bob@example.test")
+            served_by = _smtpd_pid(s)
+        wait_for(lambda: maildir_count(bob / "Maildir") == 1, what="delivery")
+        assert mta.proc is not None
+        family = _descendants(mta.proc.pid)
+        names = {_comm(pid) for pid in family}
+        assert {"qmail-send", "qmail-lspawn", "qmail-clean", "qmail-local"} <= names
+        assert served_by in family
+        policies = {_comm(pid): os.sched_getscheduler(pid) for pid in family + [mta.proc.pid]}
+        assert set(policies.values()) == {getattr(os, policy)}, policies
 
 
 def _descendants(pid: int) -> list[int]:

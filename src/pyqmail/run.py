@@ -113,6 +113,29 @@ def default_quick_workers() -> int:
     return 4 * max(cpus, 1)
 
 
+def use_batch_scheduling() -> bool:
+    """Put this process, and all it forks from now on, under Linux's SCHED_BATCH policy.
+
+    A woken SCHED_BATCH process does not preempt the one running; it waits until that one
+    blocks or its time slice ends.  pyqmail's processes run in short bursts (a command, a
+    delivery) and wake each other all the time: without preemption each burst runs to its
+    end, with fewer context switches and warmer caches.  The fair share of CPU time is
+    unchanged, and an idle CPU still runs a woken process at once.  Only a process under
+    the ordinary policy is moved (never one an administrator put under a real-time or idle
+    policy).  False where the policy does not exist or may not be set.
+    """
+    batch = getattr(os, "SCHED_BATCH", None)
+    if batch is None:
+        return False
+    try:
+        if os.sched_getscheduler(0) != os.SCHED_OTHER:
+            return False
+        os.sched_setscheduler(0, batch, os.sched_param(0))
+    except OSError:
+        return False
+    return True
+
+
 def default_smtp() -> list[str]:
     return ["0.0.0.0:25", "[::]:25"] if os.geteuid() == 0 else ["127.0.0.1:2525"]
 
@@ -145,6 +168,8 @@ class Supervisor:
         # workers that may serve quick clients at once before more are forked (see
         # pyqmail.tcpserver's pool); 0 forks one whenever none is idle
         quick = ctl.integer("smtpdquickworkers", default_quick_workers())
+        # with 20 clients on 2 cores: about 5% less CPU per message (docs/architecture.md)
+        batch = ctl.integer("schedbatch", 1) != 0
         SendControls.load(home)
         # a queue made by an older version lacks newer parts (the spare pools, which
         # are optional: without them queue files are simply created and unlinked)
@@ -154,6 +179,8 @@ class Supervisor:
             self.out(f"pyqmail: warning: unable to complete {queue}: {e.strerror}")
         for sub in ("send", "smtpd"):
             (home / "log" / sub).mkdir(parents=True, exist_ok=True)
+        if batch:
+            use_batch_scheduling()  # before the first fork: every process inherits it
 
         from . import clean, lspawn, multilog, rspawn, send, smtpd, spawn, tcpserver
 

@@ -73,6 +73,11 @@ PYQMAIL_CONTROLS: tuple[ControlDoc, ...] = (
         "int",
         "qmail-smtpd workers serving quick clients before more are forked (0 = no such limit): ",
     ),
+    ControlDoc(
+        "schedbatch",
+        "int",
+        "Run every process under Linux's SCHED_BATCH policy (0 = the ordinary policy): ",
+    ),
     ControlDoc("tcp.smtp", "list", "SMTP client rule: "),
     ControlDoc(
         "tcp.smtp.cdb", "file", "Compiled tcprules for the SMTP listener.", source="tcp.smtp"
