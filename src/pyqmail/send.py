@@ -40,7 +40,7 @@ from .control import ControlError, SendControls, domain_suffixes
 from .fmt import quote, quote2, rfc822_date, safe
 from .home import HOME_HELP, resolve_home
 from .qq import open_queue
-from .queue import fsync_dir, rel
+from .queue import SPLIT_DIRS, fsync_dir, rel
 
 LOCAL, REMOTE = 0, 1
 CHANNEL_NAMES = ("local", "remote")
@@ -189,7 +189,7 @@ class Channel:
 
     @property
     def used(self) -> int:
-        return sum(1 for s in self.slots if s is not None)
+        return len(self.slots) - self.slots.count(None)
 
     def free_slot(self) -> int | None:
         for i, s in enumerate(self.slots):
@@ -271,6 +271,7 @@ class QmailSend:
     ) -> None:
         self.home = home
         self.queue = home / "queue"
+        self.queue_dir = str(self.queue)
         self.log_fd = log_fd
         self.clock = clock
         self.ctl: SendControls
@@ -346,7 +347,10 @@ class QmailSend:
     # -- paths ----------------------------------------------------------------------
 
     def path(self, kind: str, n: int) -> str:
-        return f"{self.queue}/{rel(kind, n)}"
+        # called some twenty times per message: the queue's name is a string made once
+        if kind in SPLIT_DIRS:
+            return f"{self.queue_dir}/{kind}/{n % SPLIT}/{n}"
+        return f"{self.queue_dir}/{kind}/{n}"
 
     # -- qmail-clean ----------------------------------------------------------------
 
