@@ -31,6 +31,7 @@ from .constants import EXIT_PERM, EXIT_TEMP, PATRN
 from .fmt import ctime_stamp, quote2
 from .home import resolve_home
 from .qq import QueueClient
+from .sig import get_handler, set_handler
 
 USAGE = (
     "qmail-local: usage: qmail-local [ -nN ] user homedir local dash ext domain sender aliasempty"
@@ -124,13 +125,13 @@ class _AlarmGuard:
         self.old: object = None
 
     def __enter__(self) -> _AlarmGuard:
-        self.old = signal.signal(signal.SIGALRM, _on_alarm)
+        self.old = set_handler(signal.SIGALRM, _on_alarm)
         signal.alarm(self.seconds)
         return self
 
     def __exit__(self, *exc: object) -> None:
         signal.alarm(0)
-        signal.signal(signal.SIGALRM, self.old)  # type: ignore[arg-type]
+        set_handler(signal.SIGALRM, self.old)  # type: ignore[arg-type]
 
 
 def _write_fd(fd: int, data: bytes) -> None:
@@ -748,8 +749,8 @@ def _run_line(st: _State, line: bytes, first: bool, forward_only: bool) -> bool:
 
 def _run(st: _State) -> None:
     os.umask(0o077)
-    if signal.getsignal(signal.SIGPIPE) != signal.SIG_IGN:  # a reused worker has it already
-        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    if get_handler(signal.SIGPIPE) != signal.SIG_IGN:  # a reused worker has it already
+        set_handler(signal.SIGPIPE, signal.SIG_IGN)
     if not st.homedir.startswith("/"):
         raise Die(EXIT_PERM, USAGE)
     try:

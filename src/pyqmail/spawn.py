@@ -34,6 +34,7 @@ from pathlib import Path
 
 from .constants import SPAWN
 from .procname import set_process_name
+from .sig import get_handler, set_handler
 
 DeliverFn = Callable[[int, str, str], int]
 # (seconds, hook): a worker that got no delivery for that long calls the hook once
@@ -341,9 +342,7 @@ class Spawner:
             os.umask(umask)
             baseline = dict(os.environ)
             baseline_state = _environ_state()
-            dispositions = {
-                sig: signal.getsignal(sig) for sig in (signal.SIGPIPE, signal.SIGALRM)
-            }
+            dispositions = {sig: get_handler(sig) for sig in (signal.SIGPIPE, signal.SIGALRM)}
             for used in range(1, self.max_use + 1):
                 job, fds = self.next_job(chan)
                 if len(fds) != 2:
@@ -374,8 +373,8 @@ class Spawner:
                     os.environ.clear()
                     os.environ.update(baseline)
                 for sig, handler in dispositions.items():
-                    if signal.getsignal(sig) != handler:
-                        signal.signal(sig, handler)
+                    if get_handler(sig) != handler:
+                        set_handler(sig, handler)
                 signal.alarm(0)
                 chan.send(b"%d%s" % (status, b"x" if used == self.max_use else b""))
         except OSError:
