@@ -82,6 +82,24 @@ def test_no_client_variables_reach_the_next_client(tmp_path: Path) -> None:
         assert env["TCPREMOTEIP"] == "127.0.0.2"
 
 
+def test_a_worker_forgets_its_rules_decisions_when_the_rules_change(tmp_path: Path) -> None:
+    rules = tmp_path / "tcp.cdb"
+    compile_rules(b'127.0.0.1:allow,NOTE="first"\n', rules, tmp_path / "tcp.tmp")
+    with library_server(tmp_path, limit=1, rules=str(rules), options={"max_use": 10}) as srv:
+        first = _session(srv.port)
+        again = _session(srv.port)
+        assert again["pid"] == first["pid"]  # the same worker, remembering its decision
+        assert isinstance(again["env"], dict) and again["env"]["NOTE"] == "first"
+        compile_rules(b'127.0.0.1:deny\n:allow,NOTE="second"\n', rules, tmp_path / "tcp.tmp")
+        changed = _session(srv.port, source="127.0.0.2")
+        assert changed["pid"] == first["pid"]
+        assert isinstance(changed["env"], dict) and changed["env"]["NOTE"] == "second"
+        # the client it had a decision for is now refused: the connection just closes
+        c = Client("127.0.0.1", srv.port)
+        assert c.sock.recv(100) == b""
+        c.close()
+
+
 def test_pool_never_serves_more_than_the_limit(tmp_path: Path) -> None:
     active = tmp_path / "active"
     active.mkdir()

@@ -136,6 +136,7 @@ _STAMP = struct.Struct("=I")  # when a busy worker took its client: monotonic ms
 _WATCH_CONFIRM = 1.0
 _FORK_RETRY = 1.0  # seconds before the parent tries again after a failed fork
 _ACCEPT_RETRY = 0.1  # seconds a worker pauses after accept fails for lack of resources
+_DECISIONS_MAX = 4096  # rules decisions a worker remembers (per rules db)
 
 
 class ServerError(Exception):
@@ -254,6 +255,10 @@ class _Rules:
         self.missing_ok = missing_ok
         self.stamp: tuple[int, int, int, int] | None = None
         self.db: CDB | None = None
+        # a pool worker sees the same few clients again and again: their decisions from
+        # the db they were looked up in (a new db, after the file changed, starts afresh)
+        self._decisions: dict[tuple[str, str | None, str | None], Decision] = {}
+        self._decided_by: CDB | None = None
 
     def current(self) -> tuple[CDB | None, str | None]:
         """(db, None) to use db (None = no rules), or (None, error text) to drop the client."""
@@ -276,6 +281,19 @@ class _Rules:
                 return None, text
             self.stamp = stamp
         return self.db, None
+
+    def decide(self, db: CDB, ip: str, host: str | None, info: str | None) -> Decision:
+        """lookup() in db, remembered while db is in use."""
+        if db is not self._decided_by:
+            self._decisions.clear()
+            self._decided_by = db
+        key = (ip, host, info)
+        decision = self._decisions.get(key)
+        if decision is None:
+            if len(self._decisions) >= _DECISIONS_MAX:
+                self._decisions.clear()
+            decision = self._decisions[key] = lookup(db, ip, host, info)
+        return decision
 
 
 class TCPServer:
@@ -1025,7 +1043,12 @@ class TCPServer:
         if problem is not None:
             self._log(f"warning: dropping connection, unable to read {opts.rules}: {problem}")
             return EXIT_TEMP
-        decision = lookup(db, remote_ip, remote_host, info) if db is not None else Decision()
+        if db is None:
+            decision = Decision()
+        elif self.rules is not None:
+            decision = self.rules.decide(db, remote_ip, remote_host, info)
+        else:
+            decision = lookup(db, remote_ip, remote_host, info)
         if opts.verbosity >= 2:
             verdict = "ok" if decision.allow else "deny"
             self._log(
