@@ -35,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import timeit
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -338,6 +339,27 @@ def busy_cpu_seconds() -> float | None:
     return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
 
 
+def python_calibration_ms() -> float:
+    """Milliseconds for a fixed piece of plain Python work, best of 9 (lower is faster).
+
+    pyqmail runs on the interpreter that runs this script, and interpreters differ a lot
+    in speed (a build with profile-guided and link-time optimization, as Debian's
+    python3 is, against one without, as pyenv builds by default): this figure tells
+    runs on different interpreters apart.
+    """
+
+    def work() -> int:
+        counts: dict[int, int] = {}
+        total = 0
+        for i in range(20000):
+            k = i & 255
+            counts[k] = counts.get(k, 0) + len(str(i))
+            total += k
+        return total
+
+    return min(timeit.repeat(work, number=1, repeat=9)) * 1000
+
+
 def settle(systems: list[System], pause: float) -> None:
     """Queues empty, disk synced, freed inodes reusable again."""
     deadline = time.monotonic() + 600
@@ -425,6 +447,9 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     os.chmod(work, 0o755)  # Postfix daemons run as the postfix user and must reach their dirs
     log(f"work directory: {work}")
+    calibration = python_calibration_ms()
+    python = f"{sys.executable} (Python {sys.version.split()[0]})"
+    log(f"python: {python}, plain-Python calibration {calibration:.2f} ms")
 
     pyqmail = Pyqmail("pyqmail", args.pyqmail_port, work)
     pyqmail.smtpd_only = args.smtpd_only
@@ -467,6 +492,7 @@ def main() -> int:
     print(f"\nsmtp-source, {args.size}-byte messages, one connection per message, {args.runs} runs")
     print("median (min-max) messages/second; machine CPU ms per message (all cores, to the")
     print("last delivery; lower is better)")
+    print(f"pyqmail ran on {python}; plain-Python calibration {calibration:.2f} ms")
     for sessions in (20, 1):
         print(f"\n{sessions} session(s):")
         print(f"  {'system':10} {'accepted':>22} {'end to end':>22} {'CPU ms/msg':>22}")
@@ -503,7 +529,15 @@ def main() -> int:
             }
             for name, per in results.items()
         }
-        Path(args.json).write_text(json.dumps(raw, indent=2) + "\n")
+        document: dict[str, object] = {
+            "python": {
+                "executable": sys.executable,
+                "version": sys.version.split()[0],
+                "calibration_ms": calibration,
+            },
+            **raw,
+        }
+        Path(args.json).write_text(json.dumps(document, indent=2) + "\n")
     log(f"delivered mail was moved aside under {work}; remove it when done")
     return 0
 
