@@ -344,6 +344,7 @@ def _aged_cleanup(
     asked: list[str] = []
     send = QmailSend.__new__(QmailSend)
     send.queue = queue
+    send.queue_dir = str(queue)
     monkeypatch.setattr(send, "clean_later", asked.append)
     send.cleanup(time.time())
     return send, asked
