@@ -40,7 +40,7 @@ from .control import ControlError, SendControls, domain_suffixes
 from .fmt import quote, quote2, rfc822_date, safe
 from .home import HOME_HELP, resolve_home
 from .qq import open_queue
-from .queue import SPLIT_DIRS, fsync_dir, rel
+from .queue import fsync_dir, rel
 
 LOCAL, REMOTE = 0, 1
 CHANNEL_NAMES = ("local", "remote")
@@ -348,9 +348,7 @@ class QmailSend:
 
     def path(self, kind: str, n: int) -> str:
         # called some twenty times per message: the queue's name is a string made once
-        if kind in SPLIT_DIRS:
-            return f"{self.queue_dir}/{kind}/{n % SPLIT}/{n}"
-        return f"{self.queue_dir}/{kind}/{n}"
+        return f"{self.queue_dir}/{rel(kind, n)}"
 
     # -- qmail-clean ----------------------------------------------------------------
 

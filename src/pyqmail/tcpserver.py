@@ -255,10 +255,9 @@ class _Rules:
         self.missing_ok = missing_ok
         self.stamp: tuple[int, int, int, int] | None = None
         self.db: CDB | None = None
-        # a pool worker sees the same few clients again and again: their decisions from
-        # the db they were looked up in (a new db, after the file changed, starts afresh)
+        # a pool worker sees the same few clients again and again: their decisions in db
+        # (emptied whenever another db is opened)
         self._decisions: dict[tuple[str, str | None, str | None], Decision] = {}
-        self._decided_by: CDB | None = None
 
     def current(self) -> tuple[CDB | None, str | None]:
         """(db, None) to use db (None = no rules), or (None, error text) to drop the client."""
@@ -273,6 +272,7 @@ class _Rules:
             return None, _errtext(exc)
         stamp = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
         if stamp != self.stamp or self.db is None:
+            self._decisions.clear()
             try:
                 self.db = CDB.open(self.path)
             except (OSError, ValueError) as exc:
@@ -283,10 +283,7 @@ class _Rules:
         return self.db, None
 
     def decide(self, db: CDB, ip: str, host: str | None, info: str | None) -> Decision:
-        """lookup() in db, remembered while db is in use."""
-        if db is not self._decided_by:
-            self._decisions.clear()
-            self._decided_by = db
+        """lookup() in db, the db current() returned, remembered until another is opened."""
         key = (ip, host, info)
         decision = self._decisions.get(key)
         if decision is None:
@@ -1043,12 +1040,11 @@ class TCPServer:
         if problem is not None:
             self._log(f"warning: dropping connection, unable to read {opts.rules}: {problem}")
             return EXIT_TEMP
-        if db is None:
+        # a db comes only from self.rules.current()
+        if db is None or self.rules is None:
             decision = Decision()
-        elif self.rules is not None:
-            decision = self.rules.decide(db, remote_ip, remote_host, info)
         else:
-            decision = lookup(db, remote_ip, remote_host, info)
+            decision = self.rules.decide(db, remote_ip, remote_host, info)
         if opts.verbosity >= 2:
             verdict = "ok" if decision.allow else "deny"
             self._log(
