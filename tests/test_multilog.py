@@ -240,19 +240,28 @@ def test_logger_process_until_eof(tmp_path: Path) -> None:
     assert mode(d / "current") == 0o744
 
 
-def test_run_in_a_forked_child(tmp_path: Path) -> None:
-    """How pyqmail run uses it: fork from a warm process, read the log pipe on fd r."""
-    d = tmp_path / "log"
+def fork_logger(
+    d: Path, gather: float = multilog.GATHER, term_grace: float = multilog.TERM_GRACE
+) -> tuple[int, int]:
+    """How pyqmail run starts it: run() in a child forked from a warm process, reading
+    a pipe; returns the child's pid and the pipe's write end."""
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
         code = 111
         try:
             os.close(w)
-            code = multilog.run(r, d)
+            code = multilog.run(r, d, gather=gather, term_grace=term_grace)
         finally:
             os._exit(code)
     os.close(r)
+    return pid, w
+
+
+def test_run_in_a_forked_child(tmp_path: Path) -> None:
+    """How pyqmail run uses it: fork from a warm process, read the log pipe on fd r."""
+    d = tmp_path / "log"
+    pid, w = fork_logger(d)
     try:
         for i in range(50):
             os.write(w, f"starting delivery {i}: msg 457 to local a@example.test\n".encode())
@@ -263,6 +272,40 @@ def test_run_in_a_forked_child(tmp_path: Path) -> None:
     assert all_lines(d) == [
         f"starting delivery {i}: msg 457 to local a@example.test".encode() for i in range(50)
     ]
+
+
+def labels(d: Path) -> list[bytes]:
+    """The TAI64N label of every line in current."""
+    out = []
+    for line in (d / "current").read_bytes().splitlines(keepends=True):
+        m = STAMPED.fullmatch(line)
+        assert m, line
+        out.append(m.group(1))
+    return out
+
+
+@pytest.mark.parametrize("gather", [0.5, 0.0])
+def test_lines_written_soon_after_a_read_share_the_next_read(tmp_path: Path, gather: float) -> None:
+    """After a read the logger lets the pipe fill for `gather` seconds: a busy writer's
+    lines come out in one batch under one label, not one wake-up (and label) each."""
+    d = tmp_path / "log"
+    pid, w = fork_logger(d, gather=gather)
+    try:
+        os.write(w, b"first\n")
+        wait_for(lambda: logged(d) == [b"first"], "the first line")
+        os.write(w, b"second\n")
+        time.sleep(0.05)
+        os.write(w, b"third\n")
+        wait_for(lambda: len(logged(d)) == 3, "all three lines")
+    finally:
+        os.close(w)
+        _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert all_lines(d) == [b"first", b"second", b"third"]
+    first, second, third = labels(d)
+    assert first != second
+    # gathered: read together; not gathered: read as each arrived, 50 ms apart
+    assert (second == third) == (gather > 0)
 
 
 def test_alarm_forces_rotation(tmp_path: Path) -> None:
@@ -326,16 +369,7 @@ def test_term_after_the_grace_period_still_writes_what_the_pipe_holds(
     tmp_path: Path,
 ) -> None:
     d = tmp_path / "log"
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        code = 111
-        try:
-            os.close(w)
-            code = multilog.run(r, d, term_grace=0.0)
-        finally:
-            os._exit(code)
-    os.close(r)
+    pid, w = fork_logger(d, term_grace=0.0)
     try:
         os.write(w, b"ready\n")
         wait_for(lambda: logged(d) == [b"ready"], "the logger to run")
