@@ -221,3 +221,72 @@ def test_a_finished_messages_files_are_reused_only_once_their_removal_is_durable
         for r, w in fds:
             os.close(r)
             os.close(w)
+
+
+def test_leftovers_of_a_number_are_unlinked_unless_this_process_finished_it(
+    qmail_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A crash may leave a number's info, channel and bounce files behind, so preprocessing
+    unlinks them; after a message this process finished there are none, and message
+    numbers come back all the time (mess files are reused), so then it does not look."""
+    from pyqmail.queue import rel
+
+    now = [1000.0]
+    fds = [os.pipe() for _ in range(4)]
+    send = _send_on_pipes(qmail_home, fds, now)
+    send.reread()
+    queue = qmail_home / "queue"
+    n = 4712
+
+    def queue_file(kind: str) -> Path:
+        return queue / rel(kind, n)
+
+    def new_message(recipient: str) -> None:
+        queue_file("mess").write_bytes(b"Subject: hi\n\nhello\n")
+        queue_file("todo").write_bytes(f"u0\0p1\0Fa@example.test\0T{recipient}\0".encode())
+
+    unlinked: list[str] = []
+    real_unlink = os.unlink
+
+    def recording_unlink(path: str | os.PathLike[str], *args: object, **kw: object) -> None:
+        unlinked.append(os.fspath(path))
+        real_unlink(path, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "unlink", recording_unlink)
+    try:
+        # a crash's leftovers: all four go, and the channel file is the new message's
+        new_message("alice@example.test")
+        for kind in ("local", "remote", "info", "bounce"):
+            queue_file(kind).write_bytes(b"from before the crash")
+        p = send.prepare(n)
+        assert p is not None
+        for fd in p.fds.values():
+            os.close(fd)
+        assert not queue_file("remote").exists() and not queue_file("bounce").exists()
+        assert queue_file("local").read_bytes() == b"Talice@example.test\0"
+        assert sorted(unlinked) == sorted(
+            str(queue_file(k)) for k in ("local", "remote", "info", "bounce")
+        )
+        # delivered and finished here
+        queue_file("local").unlink()
+        queue_file("todo").unlink()
+        assert send.message_done(n)
+        assert not queue_file("info").exists()
+        # the number comes back with a new message: nothing of it to unlink
+        unlinked.clear()
+        new_message("bob@example.test")
+        p = send.prepare(n)
+        assert p is not None
+        for fd in p.fds.values():
+            os.close(fd)
+        assert unlinked == []
+        assert queue_file("local").read_bytes() == b"Tbob@example.test\0"
+        assert queue_file("info").read_bytes() == b"Fa@example.test\0"
+        # but only once: preprocessed again (its todo entry could not go), it looks again
+        assert send.prepare(n) is not None
+        assert len(unlinked) == 4
+    finally:
+        send.syncer.shutdown()
+        for r, w in fds:
+            os.close(r)
+            os.close(w)

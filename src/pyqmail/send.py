@@ -59,6 +59,7 @@ FRESH_MAX = 4096  # just-preprocessed messages remembered for their first pass
 TODO_SCAN_GAP = 0.01
 # seconds a finished message's files wait to be reused (see release_finished)
 FINISHED_HOLD = 1.0
+FINISHED_CLEAR_MAX = 100_000  # numbers remembered as having no leftover files
 
 Clock = Callable[[], float]
 
@@ -306,6 +307,10 @@ class QmailSend:
         self.provisional: dict[int, _Prepared] = {}
         self.to_commit: set[int] = set()
         self.finishing: list[int] = []
+        # numbers of messages this process finished: none of their info, channel or
+        # bounce files is left (only this process makes them), so a new message under
+        # the number needs no leftovers unlinked (see prepare)
+        self.finished_clear: set[int] = set()
         self.provisional_check_at = 0.0
         self.spares = spare.pool(self.queue, "s")
         self.spares.hold_recycled = True
@@ -619,15 +624,20 @@ class QmailSend:
             self.log(f"warning: unable to stat {rel('mess', n)}")
             return None
         # bounce too: a provisional message (preprocess_batch) may have begun one
-        # before a crash, and all its deliveries are now made again
-        for kind in ("local", "remote", "info", "bounce"):
-            try:
-                os.unlink(self.path(kind, n))
-            except FileNotFoundError:
-                pass
-            except OSError:
-                self.log(f"warning: unable to unlink {rel(kind, n)}")
-                return None
+        # before a crash, and all its deliveries are now made again.  Message numbers
+        # come back all the time (mess files are reused), and after a message this
+        # process finished there is nothing to unlink.
+        if n in self.finished_clear:
+            self.finished_clear.discard(n)
+        else:
+            for kind in ("local", "remote", "info", "bounce"):
+                try:
+                    os.unlink(self.path(kind, n))
+                except FileNotFoundError:
+                    pass
+                except OSError:
+                    self.log(f"warning: unable to unlink {rel(kind, n)}")
+                    return None
         for ch in self.channels:
             ch.scheduled.pop(n, None)
         uid = pid = "?"
@@ -921,7 +931,10 @@ class QmailSend:
                 return
             other = CHANNEL_NAMES[1 - ch.index]
             if not os.path.exists(self.path(other, job.msg)):
-                self.done_checks.append((now, job.msg))
+                if job.msg in self.provisional:
+                    self.no_channel_left(job.msg)  # only joins self.finishing
+                else:
+                    self.done_checks.append((now, job.msg))
         else:
             self.commit_soon(job.msg)
             ch.schedule(job.msg, job.retry)
@@ -942,6 +955,10 @@ class QmailSend:
         for kind in ("local", "remote"):
             if os.path.exists(self.path(kind, n)):
                 return True  # not finished; someone else holds it
+        return self.no_channel_left(n)
+
+    def no_channel_left(self, n: int) -> bool:
+        """message_done for a message whose channel files are both gone."""
         if any(job.msg == n for ch in self.channels for job in ch.jobs):
             return True
         if n in self.provisional:
@@ -950,6 +967,10 @@ class QmailSend:
             return True
         if os.path.exists(self.path("todo", n)):
             return True
+        return self.finish_message(n)
+
+    def finish_message(self, n: int) -> bool:
+        """The end of message_done, for a message with no channel file, job or todo entry."""
         if os.path.exists(self.path("bounce", n)):
             if not self.inject_bounce(n):
                 return False
@@ -965,6 +986,9 @@ class QmailSend:
             self.log(f"warning: unable to unlink {rel('info', n)}; will try again later")
             return False
         self.finished_held.append(n)
+        if len(self.finished_clear) >= FINISHED_CLEAR_MAX:
+            self.finished_clear.clear()  # forgetting only costs the unlinks again
+        self.finished_clear.add(n)
         self.release_soon()
         return True
 
@@ -1295,7 +1319,10 @@ class QmailSend:
             self.provisional.pop(n, None)
             self.todo_held.discard(str(n))
             self.to_commit.discard(n)
-            if not self.message_done(n):
+            # it joined self.finishing with no channel file or job left, and a provisional
+            # message gets neither again (its todo entry is held from preprocessing); its
+            # todo entry is gone now: only the bounce is left to look for
+            if not self.finish_message(n):
                 self.done_checks.append((now + SLEEP_SYSFAIL, n))
 
     def retry_stat(self, n: int, now: float) -> None:
