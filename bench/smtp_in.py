@@ -317,26 +317,32 @@ class Postfix(System):
 class Result:
     accepted: float
     end_to_end: float | None
-    cpu_ms: float | None = None  # whole machine's busy CPU per message, see busy_cpu_seconds
+    cpu_ms: float | None = None  # whole machine's busy CPU per message, see cpu_seconds
+    steal_pct: float | None = None  # share of the run's CPU time the hypervisor took
 
 
-def busy_cpu_seconds() -> float | None:
-    """CPU time the whole machine has spent busy so far (all cores), from /proc/stat.
+def cpu_seconds() -> tuple[float, float, float] | None:
+    """(busy, stolen, all) CPU time of the whole machine so far (all cores), from /proc/stat.
 
     Busy is user, nice, system, irq and softirq time; idle, I/O wait and time stolen by
     the hypervisor are not.  Over a run it counts everything that ran: the system under
     test, smtp-source and this script's polling (the same for both systems), and whatever
     else the shared machine did, so it is a figure to compare within one run only.
+    Stolen time is when this machine's virtual CPUs wanted to run and the host ran
+    something else: a run with much of it was disturbed by a neighbour, and its
+    processes also pay more CPU for the same work (caches are cold when they get back).
     """
     try:
         with open("/proc/stat") as f:
             fields = f.readline().split()
     except OSError:
         return None
-    if not fields or fields[0] != "cpu":
+    if not fields or fields[0] != "cpu" or len(fields) < 9:
         return None
-    user, nice, system, _idle, _iowait, irq, softirq = (int(x) for x in fields[1:8])
-    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+    user, nice, system, idle, iowait, irq, softirq, steal = (int(x) for x in fields[1:9])
+    hz = os.sysconf("SC_CLK_TCK")
+    busy = user + nice + system + irq + softirq
+    return busy / hz, steal / hz, (busy + idle + iowait + steal) / hz
 
 
 def python_calibration_ms() -> float:
@@ -393,7 +399,7 @@ def measure(smtp_source: str, system: System, sessions: int, messages: int, size
         "client.bench.test",
         f"127.0.0.1:{system.port}",
     ]
-    cpu_before = busy_cpu_seconds()
+    cpu_before = cpu_seconds()
     start = time.monotonic()
     proc = subprocess.run(argv, capture_output=True, timeout=3600)
     accepted_at = time.monotonic()
@@ -407,11 +413,13 @@ def measure(smtp_source: str, system: System, sessions: int, messages: int, size
             raise RuntimeError(f"{system.name}: not all messages delivered in 10 minutes")
         e2e = messages / (time.monotonic() - start)
     # to the last delivery when there is one: what a message costs from SMTP to Maildir
-    cpu_after = busy_cpu_seconds()
-    cpu_ms = None
+    cpu_after = cpu_seconds()
+    cpu_ms = steal_pct = None
     if cpu_before is not None and cpu_after is not None:
-        cpu_ms = (cpu_after - cpu_before) * 1000 / messages
-    return Result(messages / (accepted_at - start), e2e, cpu_ms)
+        busy, stolen, total = (a - b for a, b in zip(cpu_after, cpu_before, strict=True))
+        cpu_ms = busy * 1000 / messages
+        steal_pct = 100 * stolen / total if total > 0 else 0.0
+    return Result(messages / (accepted_at - start), e2e, cpu_ms, steal_pct)
 
 
 def summary(values: list[float], digits: int = 0) -> str:
@@ -482,9 +490,10 @@ def main() -> int:
                     results[s.name].setdefault(sessions, []).append(r)
                     shown = f"{r.end_to_end:.0f}" if r.end_to_end is not None else "-"
                     cost = f"{r.cpu_ms:.2f}" if r.cpu_ms is not None else "-"
+                    steal = f"{r.steal_pct:.1f}%" if r.steal_pct is not None else "-"
                     log(
                         f"  accepted {r.accepted:.0f} msg/s, end to end {shown} msg/s,"
-                        f" machine CPU {cost} ms/msg"
+                        f" machine CPU {cost} ms/msg, stolen by the host {steal}"
                     )
         settle(systems, 0)
     finally:
@@ -526,7 +535,12 @@ def main() -> int:
         raw = {
             name: {
                 str(k): [
-                    {"accepted": r.accepted, "end_to_end": r.end_to_end, "cpu_ms": r.cpu_ms}
+                    {
+                        "accepted": r.accepted,
+                        "end_to_end": r.end_to_end,
+                        "cpu_ms": r.cpu_ms,
+                        "steal_pct": r.steal_pct,
+                    }
                     for r in v
                 ]
                 for k, v in per.items()
