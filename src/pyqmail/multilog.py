@@ -7,8 +7,8 @@ it unchanged:
 * every line is written to `DIR/current` prefixed with `@` + a TAI64N label +
   a space; the lines of one read share one write() and one label, and nothing
   sits in a buffer of ours.  After a read the pipe gathers lines for GATHER
-  seconds (10 ms), so under load the writer wakes once per batch, not once per
-  line, and a label is at most that late;
+  seconds (10 ms), so under load the logger wakes once per batch, not once per
+  line, and a label is at most that much later than it would otherwise be;
 * `current` is full when a line ends within 2000 bytes of `max_size`; it is
   then fsynced, made mode 0744 (the "complete" mark), renamed to
   `@<tai64n>.s` and a new `current` is started, so no line is ever split
@@ -327,8 +327,8 @@ def run(
     """Log every line read from fd into directory until EOF; returns an exit code.
 
     After each read the pipe is left to fill for `gather` seconds, so a busy writer's
-    lines are read, stamped and written in batches; a line is then stamped at most
-    that long after it was written.
+    lines are read, stamped and written in batches; that makes a line's stamp at most
+    `gather` seconds later than it would otherwise be.
     """
     try:
         log = LogDir(directory, max_size=max_size, keep=keep)
