@@ -290,3 +290,91 @@ def test_leftovers_of_a_number_are_unlinked_unless_this_process_finished_it(
         for r, w in fds:
             os.close(r)
             os.close(w)
+
+
+def test_a_finished_messages_todo_removal_is_not_waited_for(qmail_home: Path) -> None:
+    """qmail-send asks qmail-clean to remove a finished provisional message's todo entry
+    and goes on; the message is finished when the answer comes (retried if it failed)."""
+    import signal
+
+    from pyqmail.constants import SLEEP_SYSFAIL
+    from pyqmail.queue import rel
+    from pyqmail.send import QmailSend
+
+    now = [1000.0]
+    log_r, log_w = os.pipe()
+    spawn_pipes = [os.pipe() for _ in range(3)]  # the third: wake-ups, none come
+    cmd_r, cmd_w = os.pipe()  # what qmail-send asks qmail-clean
+    reply_r, reply_w = os.pipe()  # qmail-clean's answers, written by this test
+    os.set_blocking(log_r, False)
+    os.set_blocking(cmd_r, False)
+    send = QmailSend(
+        qmail_home,
+        log_w,
+        spawn_pipes[0],
+        spawn_pipes[1],
+        (cmd_w, reply_r),
+        clock=lambda: now[0],
+    )
+    send.reread()
+    send.wake_r = spawn_pipes[2][0]
+    for ch in send.channels:
+        ch.concurrency = 0  # no deliveries here: the test says which are done
+    send.todo_scan_at = send.cleanup_at = send.provisional_check_at = 5000.0
+    queue = qmail_home / "queue"
+
+    class Blocked(Exception):
+        """Not an OSError, which qmail-send would take for a lost qmail-clean."""
+
+    def blocked(signum: int, frame: object) -> None:
+        raise Blocked("qmail-send waited for qmail-clean")
+
+    old = signal.signal(signal.SIGALRM, blocked)
+    signal.setitimer(signal.ITIMER_REAL, 10)
+    try:
+        numbers = [4713, 4714]
+        for n in numbers:
+            (queue / rel("mess", n)).write_bytes(b"Subject: hi\n\nhello\n")
+            (queue / rel("todo", n)).write_bytes(b"u0\0p1\0Fa@example.test\0Tbob@example.test\0")
+        send.scan_todo()
+        assert send.todo == numbers
+        send.preprocess_batch(send.todo)
+        send.todo = []
+        assert sorted(send.provisional) == numbers
+        for n in numbers:  # delivered: the local channel file is gone
+            (queue / rel("local", n)).unlink()
+            assert send.message_done(n)
+        assert send.finishing == numbers
+        send.step(now[0])
+        # asked, not waited for: both are still provisional, with their todo entries held
+        assert os.read(cmd_r, 4096) == b"".join(b"todo/%d\0" % n for n in numbers)
+        assert sorted(send.provisional) == numbers and send.todo_held >= {str(n) for n in numbers}
+        # asked once: another look at them while qmail-clean works adds nothing
+        for n in numbers:
+            assert send.message_done(n)
+        assert send.finishing == [] and not send.to_commit
+        send.step(now[0])
+        with pytest.raises(BlockingIOError):
+            os.read(cmd_r, 4096)
+        # the first removal worked, the second did not
+        os.write(reply_w, b"+-")
+        send.wait(0)
+        assert send.timeout(now[0]) == 0.0
+        send.step(now[0])
+        send.flush_log()
+        log = os.read(log_r, 65536).decode()
+        assert "end msg 4713" in log and "end msg 4714" not in log
+        assert "qmail-clean unable to clean up todo/4714" in log
+        assert 4713 not in send.provisional and not (queue / rel("info", 4713)).exists()
+        # the second stays provisional, its files in place, and is tried again later
+        assert 4714 in send.provisional and (queue / rel("info", 4714)).exists()
+        assert (now[0] + SLEEP_SYSFAIL, 4714) in send.done_checks
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+        send.syncer.shutdown()
+        for fd in (log_r, log_w, cmd_r, cmd_w, reply_r, reply_w):
+            os.close(fd)
+        for r, w in spawn_pipes:
+            os.close(r)
+            os.close(w)
