@@ -1341,10 +1341,7 @@ class QmailSend:
         here cost about a quarter of qmail-send's time under load (qmail-clean first
         has to be scheduled), and deliveries fell behind the SMTP side.
         """
-        numbers = [n for n in self.finishing if n not in self.todo_removing]
-        self.finishing = []
-        if not numbers:
-            return
+        numbers, self.finishing = self.finishing, []  # none is out already: no_channel_left
         self.todo_removing.update(numbers)
         self.to_commit.difference_update(numbers)
         self.clean_send([f"todo/{n}" for n in numbers], CLEAN_FINISH)
@@ -1375,7 +1372,7 @@ class QmailSend:
             self.done_checks.append((now + SLEEP_SYSFAIL, n))
 
     def timeout(self, now: float) -> float:
-        if self.todo_removed or self.finishing:
+        if self.todo_removed:
             return 0.0  # answers taken in passing (clean_all) are acted on at once
         candidates = [self.todo_scan_at, self.cleanup_at]
         if self.release_at is not None:
